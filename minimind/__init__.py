@@ -1,0 +1,13 @@
+"""MiniMind2 models: config, model, tokenizer, data, generation."""
+
+__all__ = ["MiniMindConfig", "MiniMindForCausalLM"]
+
+
+def __getattr__(name):  # lazy, so that `python -m minimind.model` does not import the module twice
+    if name == "MiniMindConfig":
+        from minimind.config import MiniMindConfig
+        return MiniMindConfig
+    if name == "MiniMindForCausalLM":
+        from minimind.model import MiniMindForCausalLM
+        return MiniMindForCausalLM
+    raise AttributeError(name)

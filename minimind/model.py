@@ -1,0 +1,345 @@
+"""MiniMind2: a decoder-only transformer (dense or mixture-of-experts) on a switchable kernel backend.
+
+    x = embed(ids)
+    for each layer:  x = x + Attention(RMSNorm(x));  x = x + MLP(RMSNorm(x))     (MLP = SwiGLU or MoE)
+    logits = RMSNorm(x) @ embed.T                                               (tied lm_head)
+
+Attention is grouped-query with rotate-half RoPE. The hot ops come from `kernels.get_backend(kernels)`; the model
+never branches on the backend. The residual add and the next norm go through one fused op (`add_rms_norm`), and
+with labels the loss is `linear_cross_entropy` on the hidden states, so a fused backend never builds the logits.
+State dicts use MiniMind2's (Hugging Face Llama) key names; MoE experts are stored stacked as (E, I, H) inside
+and converted to MiniMind2's one-module-per-expert keys on save and load.
+
+`python -m minimind.model` prints every preset with its parameter count.
+"""
+import math
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import get_backend
+from minimind.config import PRESETS, MiniMindConfig
+
+
+def rope_tables(head_dim, max_positions, theta=1e6, scaling=None):
+    """cos, sin tables (max_positions, head_dim) in the rotate-half layout (each half's angles repeated twice).
+
+    scaling: optional YaRN dict {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow"}. Dims
+    whose wavelength is longer than the original context / beta_slow are interpolated by `factor`, dims shorter
+    than original / beta_fast are kept, a linear ramp blends the ones between; cos and sin are scaled by
+    0.1 * ln(factor) + 1 to keep attention entropy.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    mscale = 1.0
+    if scaling:
+        factor = float(scaling.get("factor", 4.0))
+        orig = float(scaling.get("original_max_position_embeddings", 2048))
+        beta_fast, beta_slow = float(scaling.get("beta_fast", 32.0)), float(scaling.get("beta_slow", 1.0))
+        wavelength = 2 * math.pi / inv_freq
+        rotations = orig / wavelength  # how many full turns each dim makes over the original context
+        ramp = ((rotations - beta_slow) / max(beta_fast - beta_slow, 1e-6)).clamp(0, 1)  # 0 -> interpolate
+        inv_freq = inv_freq / factor * (1 - ramp) + inv_freq * ramp
+        mscale = 0.1 * math.log(factor) + 1.0
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return (angles.cos() * mscale).float(), (angles.sin() * mscale).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MiniMindConfig, ops, attn_impl):
+        super().__init__()
+        self.ops, self.attn_impl = ops, attn_impl
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, past=None, mask=None):
+        """x (B, T, H); past (k, v) each (B, T_past, Hkv, D) or None; mask (B, 1, T, T_past + T) bool or None
+        (None = plain causal). Returns (out (B, T, H), (k, v) including this step)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        offset = 0 if past is None else past[0].shape[1]
+        q, k = self.ops.rope(q, k, cos, sin, offset)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        if self.attn_impl == "flash" and mask is None and offset == 0:
+            from flash_attn import flash_attn_func
+            out = flash_attn_func(q, k, v, causal=True)
+        else:
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            causal = mask is None and offset == 0 and T > 1
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, -1)), (k, v)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: MiniMindConfig, ops):
+        super().__init__()
+        self.ops = ops
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+_EXPERT_WEIGHTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of SwiGLU experts, MiniMind2-style.
+
+    scores = softmax(x @ gate.T) (N, E); the top-k experts per token, their scores renormalised to sum 1;
+    y = sum_k w_k * expert_k(x) + sum of the shared experts (unweighted). Training adds the sequence-level
+    auxiliary loss alpha * mean_b sum_e f_be * P_be, with f_be = count of expert e in sequence b times
+    E / (T * k) and P_be the mean score of e over sequence b.
+    Expert weights are stacked: w_gate, w_up (E, I, H), w_down (E, H, I).
+    """
+
+    def __init__(self, cfg: MiniMindConfig, ops):
+        super().__init__()
+        self.ops, self.top_k, self.norm_topk = ops, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.alpha, E, H, I = cfg.aux_loss_alpha, cfg.n_routed_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, I, H))
+        self.w_up = nn.Parameter(torch.empty(E, I, H))
+        self.w_down = nn.Parameter(torch.empty(E, H, I))
+        self.shared_experts = nn.ModuleList(FeedForward(cfg, ops) for _ in range(cfg.n_shared_experts))
+        self.register_state_dict_post_hook(_experts_to_minimind_keys)
+        self.register_load_state_dict_pre_hook(_experts_from_minimind_keys)
+
+    def route(self, x):
+        """x (N, H) -> topk_idx (N, k), topk_weight (N, k) float32, scores (N, E) float32."""
+        scores = self.gate(x).float().softmax(dim=-1)
+        topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx, topk_weight, scores
+
+    def forward(self, x):
+        """x (B, T, H) -> (y (B, T, H), aux_loss scalar)."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        topk_idx, topk_weight, scores = self.route(flat)
+        y = self.ops.moe_experts(flat, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down).view(B, T, H)
+        for expert in self.shared_experts:
+            y = y + expert(x)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.training and self.alpha > 0:
+            E = scores.shape[-1]
+            counts = torch.zeros(B, E, device=x.device).scatter_add_(
+                1, topk_idx.view(B, -1), torch.ones(B, T * self.top_k, device=x.device))
+            f = counts / (T * self.top_k / E)
+            aux = (f * scores.view(B, T, E).mean(dim=1)).sum(dim=1).mean() * self.alpha
+        return y, aux
+
+
+def _experts_to_minimind_keys(module, state_dict, prefix, local_metadata):
+    for name, key in _EXPERT_WEIGHTS:
+        stacked = state_dict.pop(prefix + name)
+        for j in range(stacked.shape[0]):
+            state_dict[f"{prefix}experts.{j}.{key}.weight"] = stacked[j]
+
+
+def _experts_from_minimind_keys(module, state_dict, prefix, *args):
+    E = module.w_gate.shape[0]
+    for name, key in _EXPERT_WEIGHTS:
+        keys = [f"{prefix}experts.{j}.{key}.weight" for j in range(E)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MiniMindConfig, ops, attn_impl):
+        super().__init__()
+        self.ops = ops
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, ops, attn_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoEFeedForward(cfg, ops) if cfg.use_moe else FeedForward(cfg, ops)
+
+    def forward(self, h, delta, cos, sin, past=None, mask=None):
+        """The residual stream h and the previous sublayer's output delta, not yet added (None in layer 0).
+        Returns the new (h, delta, (k, v), aux_loss); the caller adds the last delta in the final norm."""
+        norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
+        if delta is None:
+            x = self.ops.rms_norm(h, norm_in.weight, norm_in.eps)
+        else:
+            h, x = self.ops.add_rms_norm(delta, h, norm_in.weight, norm_in.eps)
+        a, kv = self.self_attn(x, cos, sin, past, mask)
+        h, x = self.ops.add_rms_norm(a, h, norm_post.weight, norm_post.eps)
+        if isinstance(self.mlp, MoEFeedForward):
+            m, aux = self.mlp(x)
+        else:
+            m, aux = self.mlp(x), None
+        return h, m, kv, aux
+
+
+def attention_mask_for(attention_mask, T, past_len):
+    """Boolean (B, 1, T, past_len + T) mask from a (B, past_len + T) 0/1 key mask, causal by position.
+    A query always sees itself, so a padded row never becomes all-masked (which would give NaN)."""
+    S = past_len + T
+    q_pos = torch.arange(past_len, S, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & attention_mask[:, None, :].bool()
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+class MiniMindModel(nn.Module):
+    def __init__(self, cfg: MiniMindConfig, ops, attn_impl):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, attn_impl) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+        """input_ids (B, T) -> (hidden (B, T, H) after the final norm, new cache or None, aux_loss)."""
+        B, T = input_ids.shape
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[1]
+        if past_len + T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {past_len + T} tokens exceeds max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask_for(attention_mask, T, past_len)
+        elif past_len and T > 1:
+            mask = attention_mask_for(torch.ones(B, past_len + T, device=input_ids.device), T, past_len)
+        h, delta, presents = self.embed_tokens(input_ids), None, []
+        aux = torch.zeros((), device=input_ids.device)
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            h, delta, kv, layer_aux = layer(h, delta, self.rope_cos, self.rope_sin, past, mask)
+            presents.append(kv)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+        _, out = self.ops.add_rms_norm(delta, h, self.norm.weight, self.norm.eps)
+        return out, (presents if use_cache else None), aux
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Optional[torch.Tensor] = None  # lm_loss + aux_loss, what training minimises
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None  # None when a loss was computed and return_logits was not asked for
+    past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+
+
+def shift_labels(labels, ignore_index=-100):
+    """(B, T) labels aligned with input_ids -> targets for each position: labels[:, t + 1], ignore at the end."""
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+class MiniMindForCausalLM(nn.Module):
+    """MiniMind2 language model. kernels: "torch" | "triton" | "liger"; attn: "sdpa" | "flash"."""
+
+    def __init__(self, config: MiniMindConfig, kernels: str = "torch", attn: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.ops = get_backend(kernels)
+        attn = self._check_attn(attn)
+        self.model = MiniMindModel(config, self.ops, attn)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model.embed_tokens.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _check_attn(attn):
+        if attn not in ("sdpa", "flash"):
+            raise ValueError(f"attn must be 'sdpa' or 'flash', got {attn!r}")
+        if attn == "flash":
+            try:
+                import flash_attn  # noqa: F401
+                if torch.cuda.is_available():
+                    return "flash"
+                why = "no CUDA GPU"
+            except ImportError:
+                why = "flash-attn is not installed"
+            warnings.warn(f"attn='flash' unavailable ({why}); using scaled_dot_product_attention")
+        return "sdpa"
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, MoEFeedForward):
+            for p in (module.w_gate, module.w_up, module.w_down):
+                nn.init.normal_(p, std=0.02)
+
+    def set_kernels(self, kernels: str):
+        """Switch every module to another backend (same weights)."""
+        ops = get_backend(kernels)
+        for m in self.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids, labels=None, attention_mask=None, past_key_values=None, use_cache=False,
+                loss_weights=None, return_logits=None, logits_to_keep=0):
+        """input_ids (B, T); labels (B, T) aligned with input_ids, -100 where ignored (shifted here);
+        loss_weights (B, T) per-label weights, aligned like labels. logits_to_keep: only the last n positions'
+        logits (0 = all)."""
+        hidden, presents, aux = self.model(input_ids, attention_mask, past_key_values, use_cache)
+        out = CausalLMOutput(aux_loss=aux, past_key_values=presents)
+        if labels is not None:
+            H = hidden.shape[-1]
+            targets = shift_labels(labels).reshape(-1)
+            weights = None if loss_weights is None else shift_labels(loss_weights, 0).reshape(-1)
+            out.lm_loss = self.ops.linear_cross_entropy(hidden.reshape(-1, H), self.lm_head.weight, targets,
+                                                        token_weights=weights)
+            out.loss = out.lm_loss + aux
+        if return_logits or (return_logits is None and labels is None):
+            out.logits = self.lm_head(hidden[:, -logits_to_keep:])
+        return out
+
+    def token_logprobs(self, input_ids, labels, attention_mask=None):
+        """(B, T) log p(labels[:, t] | tokens before t), aligned with labels, 0 where ignored (and at t = 0);
+        plus the aux loss. Uses linear_logprobs, so a fused backend never builds the logits."""
+        hidden, _, aux = self.model(input_ids, attention_mask)
+        B, T, H = hidden.shape
+        lp = self.ops.linear_logprobs(hidden.reshape(-1, H), self.lm_head.weight, shift_labels(labels).reshape(-1))
+        return F.pad(lp.view(B, T)[:, :-1], (1, 0)), aux
+
+
+def main():
+    for name in PRESETS:
+        cfg = MiniMindConfig.from_preset(name)
+        with torch.device("meta"):
+            n = MiniMindForCausalLM(cfg).num_parameters()
+        active = ""
+        if cfg.use_moe:
+            per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+            idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert * cfg.num_hidden_layers
+            active = f"  ({n - idle:,} active per token)"
+        print(f"{name:6s} hidden {cfg.hidden_size:4d} layers {cfg.num_hidden_layers:2d} "
+              f"{'moe' if cfg.use_moe else 'dense'}: {n:,} parameters{active}")
+
+
+if __name__ == "__main__":
+    main()

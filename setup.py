@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minimind-triton",
+    version="0.1.0",
+    description="A performance-focused trainer for MiniMind-class small language models, on hand-written Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "minimind", "minimind.*", "train", "train.*",
+                                    "bench", "bench.*"]),
+    include_package_data=True,
+    package_data={"minimind": ["assets/**/*"], "train": ["configs/*.json"]},
+    install_requires=[
+        "torch>=2.4,<2.14",  # 2.13.0 (the local CPU build) satisfies this; never pulls a newer torch
+        "triton>=3.0; platform_system == 'Linux'",
+        "tokenizers>=0.15",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-benchmark", "transformers>=4.40", "jinja2"],
+        "liger": ["liger-kernel"],
+        "deepspeed": ["deepspeed"],
+        "wandb": ["wandb"],
+        "serve": ["fastapi", "uvicorn", "streamlit"],
+        "hf": ["transformers>=4.40", "safetensors"],
+    },
+)

@@ -1,0 +1,54 @@
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels import backend
+from minimind import MiniMindConfig, MiniMindForCausalLM
+
+
+def test_torch_backend_has_every_op():
+    ops = kernels.get_backend("torch")
+    for op in kernels.OPS:
+        assert callable(getattr(ops, op))
+    assert "torch" in kernels.available_backends()
+
+
+def test_unknown_backend_lists_available():
+    with pytest.raises(ValueError, match=r"unknown kernels backend 'cuda'.*available here: \['torch'"):
+        kernels.get_backend("cuda")
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4), kernels="x")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs triton compiled")
+    monkeypatch.setattr(backend, "_cache", {})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.get_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.get_backend("triton").name == "triton"
+
+
+def test_liger_unavailable_is_a_clear_error(monkeypatch):
+    if backend.liger_unavailable_reason() is None:
+        pytest.skip("liger is available here")
+    with pytest.raises(RuntimeError, match="kernels='liger' is unavailable"):
+        kernels.get_backend("liger")
+
+
+def test_missing_op_raises_not_implemented_naming_it():
+    fail = backend._missing("triton", "moe_experts", "not written yet")
+    with pytest.raises(NotImplementedError, match="'moe_experts'"):
+        fail()
+
+
+def test_flash_attention_falls_back_with_a_notice():
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=50)
+    if torch.cuda.is_available() and os.environ.get("HAS_FLASH"):
+        pytest.skip("flash-attn present")
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
+        MiniMindForCausalLM(cfg, attn="flash")

@@ -17,8 +17,11 @@ def rms_norm(x, weight, eps=1e-5):
 
 
 def add_rms_norm(x, residual, weight, eps=1e-5):
-    """h = x + residual; y = rms_norm(h). Returns (h, y), both in x.dtype (h is rounded to x.dtype first)."""
-    h = (x.float() + residual.float()).to(x.dtype)
+    """h = x + residual; y = rms_norm(h). Returns (h, y), both in the promoted dtype of x and residual (h is
+    rounded to it first). Under autocast the residual stream stays float32 while sublayer outputs are bf16, as
+    in MiniMind2, where `residual + attn_out` promotes to float32."""
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    h = (x.float() + residual.float()).to(dtype)
     return h, rms_norm(h, weight, eps)
 
 

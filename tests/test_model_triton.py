@@ -1,0 +1,99 @@
+"""The whole model on the Triton kernels against the torch reference: a tiny dense MiniMind in float32, same weights,
+same batch. Loss, logits and every parameter gradient agree to a relative error under 1e-4 (float32 throughout;
+only summation orders differ, compounded over two layers)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+from minimind.config import MiniMindConfig  # noqa: E402
+from minimind.model import MiniMindForCausalLM, RMSNorm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-4
+
+
+def tiny_config():
+    return MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          vocab_size=101, max_position_embeddings=64)
+
+
+def model_pair():
+    torch.manual_seed(0)
+    ref = MiniMindForCausalLM(tiny_config(), kernels="torch").to(DEVICE)
+    tri = MiniMindForCausalLM(tiny_config(), kernels="triton").to(DEVICE)
+    with torch.no_grad():  # non-unit norm weights, so a kernel that ignored them would show
+        for m in ref.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
+def batch(B=2, T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 101, (B, T), generator=g).to(DEVICE)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_grads_match(ref, tri):
+    tri_params = dict(tri.named_parameters())
+    for name, p in ref.named_parameters():
+        assert p.grad is not None and tri_params[name].grad is not None, f"{name}: no gradient"
+        assert rel(tri_params[name].grad, p.grad) < TOL, f"{name}: gradient relative error " \
+                                                           f"{rel(tri_params[name].grad, p.grad):.3g}"
+
+
+def test_logits_path_loss_and_every_gradient_match_torch():
+    """Without labels the model returns logits (no fused cross-entropy involved): rms_norm, add_rms_norm, rope and
+    swiglu carry the whole forward and backward."""
+    ref, tri = model_pair()
+    ids, labels = batch()
+    losses = []
+    for model in (ref, tri):
+        logits = model(ids).logits
+        assert logits.shape == (2, 12, 101)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        losses.append(loss)
+    assert rel(losses[1], losses[0]) < TOL
+    assert_grads_match(ref, tri)
+
+
+def test_cached_decoding_matches_torch():
+    """Prefill then one step with the cache: RoPE at a position offset."""
+    ref, tri = model_pair()
+    ids, _ = batch(B=2, T=9, seed=2)
+    with torch.no_grad():
+        outs = []
+        for model in (ref, tri):
+            first = model(ids[:, :8], use_cache=True)
+            step = model(ids[:, 8:], past_key_values=first.past_key_values, use_cache=True)
+            outs.append((first.logits, step.logits))
+    assert rel(outs[1][0], outs[0][0]) < TOL
+    assert rel(outs[1][1], outs[0][1]) < TOL
+
+
+def test_labels_path_loss_and_every_gradient_match_torch():
+    """With labels the loss is the fused linear cross-entropy (kernels/linear_cross_entropy.py)."""
+    try:
+        import kernels.linear_cross_entropy  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - not written yet, or half-written: say so instead of failing here
+        pytest.skip(f"kernels/linear_cross_entropy.py is not importable yet ({type(e).__name__}: {e})")
+    ref, tri = model_pair()
+    ids, labels = batch()
+    weights = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.5
+    losses = []
+    for model in (ref, tri):
+        out = model(ids, labels=labels, loss_weights=weights)
+        assert out.logits is None
+        out.loss.backward()
+        losses.append(out.loss)
+    assert rel(losses[1], losses[0]) < TOL
+    assert_grads_match(ref, tri)

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, under 8 minutes on one GPU: parity tests compiled on the GPU, kernel
+# microbenchmarks, the ahead-of-time compile report, training-step throughput and the cost table.
+#
+#   bash bench/gpu_suite.sh OUTDIR          (from anywhere; runs from the repository root with PYTHONPATH=.)
+#
+# Installs nothing. Every part runs under `timeout`, so one failure or hang still leaves the others' results.
+# OUTDIR ends up with at most 8 files (the device tool returns no more): summary.md (printed at the end),
+# env.json, kernels.json, throughput.json, cost.json, compile_report.json and logs.tar.gz (every log and per-part
+# markdown); see bench/results/README.md. Time limits (seconds; sum 460 < 480; worst case with every part
+# killed 5 s after its limit, about 520):
+#   env ~10 | tests 90 | kernels 110 | throughput 230 | cost 15 | summary ~5; the compile report (CPU only)
+#   runs in the background from the start and is waited for at the end (limit 300, inside the others' time).
+set -u
+OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+T0=$(date +%s)
+: > "$OUT/parts.txt"
+# GPU_SUITE_CPU_SMOKE=1: the same script with tiny CPU runs and no tests (tests/test_bench.py proves the plumbing)
+if [ "${GPU_SUITE_CPU_SMOKE:-0}" = 1 ]; then
+  KERNELS_ARGS="--cpu-smoke --op rms_norm --variants torch"
+  THROUGHPUT_ARGS="--cpu-smoke --preset small --variants minimind2 torch --warmup 1 --repeats 2"
+  COMPILE_ARGS="--kernels swiglu --cc 90"
+  RUN_TESTS=0
+else
+  KERNELS_ARGS="--budget_s 85"
+  THROUGHPUT_ARGS="--preset all --seq_len 512 1024 --budget_s 190"
+  COMPILE_ARGS=""
+  RUN_TESTS=1
+fi
+
+part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, log to OUT/NAME.log, record rc and seconds
+  local name=$1 limit=$2 t rc
+  shift 2
+  echo "=== $name (limit ${limit}s, at $(( $(date +%s) - T0 ))s) ==="
+  t=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "| $name | $rc$([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo ' (timed out)') | $(( $(date +%s) - t )) |" \
+    >> "$OUT/parts.txt"
+  tail -n 3 "$OUT/$name.log"
+}
+
+# 1. environment
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+  git rev-parse --short HEAD 2>/dev/null
+} > "$OUT/env.log"
+timeout 30 "$PY" - > "$OUT/env.json" 2>> "$OUT/env.log" <<'EOF'
+import importlib.util, json
+from bench import report
+env = report.environment()
+env["liger_kernel"] = importlib.util.find_spec("liger_kernel") is not None
+env["flash_attn"] = importlib.util.find_spec("flash_attn") is not None
+print(json.dumps(env, indent=1))
+EOF
+cat "$OUT/env.log" "$OUT/env.json"
+
+# 2. the compile report needs no GPU: in the background, on the CPU, while the GPU parts run
+( timeout -k 5 300 "$PY" -m bench.compile_report $COMPILE_ARGS --out "$OUT" > "$OUT/compile_report.log" 2>&1
+  echo "| compile_report | $? | background |" >> "$OUT/parts.txt" ) &
+BG=$!
+
+# 3. parity tests, compiled on the GPU (the kernel test files that exist)
+TESTS=$(ls tests/test_kernels_elementwise.py tests/test_linear_cross_entropy.py tests/test_moe.py \
+           tests/test_model_triton.py 2>/dev/null | tr '\n' ' ')
+if [ "$RUN_TESTS" = 0 ]; then
+  echo "| tests | skipped (CPU smoke) | 0 |" >> "$OUT/parts.txt"
+elif [ -n "$TESTS" ]; then
+  part tests 90 "$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider --junitxml="$OUT/tests.xml" $TESTS
+else
+  echo "| tests | no kernel test files found | 0 |" >> "$OUT/parts.txt"
+fi
+
+# 4. kernel microbenchmarks (no new case after 85 s; the JSON is rewritten after every measurement)
+part kernels 110 "$PY" -m bench.kernels --out "$OUT" $KERNELS_ARGS
+
+# 5. training-step throughput (no new measurement after 190 s; order in bench.throughput.plan)
+part throughput 230 "$PY" -m bench.throughput --out "$OUT" $THROUGHPUT_ARGS
+
+# 6. cost table from what was measured (published data sizes: the data is not on this machine)
+if [ -f "$OUT/throughput.json" ]; then
+  part cost 15 "$PY" -m bench.cost --throughput "$OUT/throughput.json" --kernels_json "$OUT/kernels.json" --out "$OUT"
+else
+  echo "| cost | no throughput.json | 0 |" >> "$OUT/parts.txt"
+fi
+
+wait "$BG" 2>/dev/null
+
+# 7. one summary (compact tables; the full ones are in each part's .md), then logs and per-part markdown packed
+# into logs.tar.gz so that at most 8 files remain
+echo "| total | - | $(( $(date +%s) - T0 )) |" >> "$OUT/parts.txt"
+timeout 30 "$PY" -m bench.report "$OUT" > "$OUT/summary.log" 2>&1 || cp "$OUT/summary.log" "$OUT/summary.md"
+( cd "$OUT" || exit
+  files=$(ls -- *.log *.xml *.tmp parts.txt kernels.md throughput.md cost.md compile_report.md 2>/dev/null)
+  [ -n "$files" ] && tar czf logs.tar.gz --remove-files $files
+  ls -la )
+# the tool returns only the end of the output: the summary last
+cat "$OUT/summary.md"

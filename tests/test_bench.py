@@ -1,0 +1,199 @@
+"""The benchmark harnesses, end to end on the CPU at tiny sizes (--cpu-smoke), and the cost arithmetic by hand.
+
+Nothing here asserts a speed: CPU numbers only prove that the harnesses run and write well-formed results.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import cost, kernels, throughput
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+    return env
+
+
+def test_gpu_suite_is_valid_bash():
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu_suite.sh")], check=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_without_gpu_nothing_is_measured(tmp_path, capsys):
+    assert kernels.main(["--out", str(tmp_path)]) == 0
+    assert throughput.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_kernels_cpu_smoke_every_op(tmp_path):
+    variants = ["torch", "grouped_mm", "torch_F"] + ([] if torch.cuda.is_available() else ["triton"])
+    assert kernels.main(["--cpu-smoke", "--out", str(tmp_path), "--variants", *variants,
+                         "--warmup_ms", "1", "--rep_ms", "1"]) == 0
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    assert doc["env"]["device_kind"] == "cpu" and "CPU smoke" in doc["env"]["label"]
+    assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
+    rows = doc["results"]
+    assert {r["op"] for r in rows} == set(kernels.OPS)
+    for r in rows:
+        if r["variant"] == "torch":  # the reference itself must always run
+            assert r["status"] == "ok", r
+        if r["status"] == "ok":
+            assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+            # fp32 on both sides, different summation orders: far under 1e-4 when the variant is right
+            assert r["rel_err_out"] < 1e-4 and r["rel_err_grad"] < 1e-4, r
+            assert (r.get("fwd_GBps") is not None) != (r.get("fwd_TFLOPs") is not None), r
+    if not torch.cuda.is_available():
+        assert all(r["status"] == "ok" for r in rows if r["variant"] == "triton"), rows
+    assert any(r["variant"] == "grouped_mm" and r["status"] == "ok" for r in rows) == kernels.grouped_mm_available()
+    md = (tmp_path / "kernels.md").read_text()
+    assert "CPU smoke" in md and "| linear_cross_entropy |" in md and "| moe |" in md
+
+
+def test_kernels_grouped_mm_moe_matches_the_loop():
+    """The grouped-GEMM MoE baseline computes MiniMind2's loop (fp32 reference, fresh random inputs)."""
+    if not kernels.grouped_mm_available():
+        pytest.skip("this torch has no grouped matmul")
+    from kernels import reference
+    g = torch.Generator().manual_seed(3)
+    N, H, I, E, K = 40, 16, 24, 4, 2
+    x = torch.randn(N, H, generator=g)
+    w = [torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, I, H, generator=g) * 0.1,
+         torch.randn(E, H, I, generator=g) * 0.1]
+    topk_weight, topk_idx = torch.randn(N, E, generator=g).softmax(-1).topk(K, dim=-1)
+    got = kernels.moe_grouped_mm(x, topk_idx, topk_weight, *w)
+    want = reference.moe_experts(x.double(), topk_idx, topk_weight.double(), *(t.double() for t in w))
+    assert ((got.double() - want).norm() / want.norm()) < 1e-5  # fp32 vs fp64
+
+
+def test_throughput_padding_and_plan():
+    g = torch.Generator().manual_seed(0)
+    for p in (0.0, 0.3, 0.5, 0.7):
+        lengths = throughput.row_lengths(4000, 512, p, g)
+        assert lengths.min() >= 1 and lengths.max() <= 512
+        assert abs(1 - lengths.float().mean().item() / 512 - p) < 0.02  # mean of 4000 uniform draws
+    cfg = throughput.tiny_config("small")
+    batch, useful = throughput.make_batch(cfg, 8, 64, padded=True, pad_fraction=0.5)
+    pads = batch["input_ids"] == cfg.pad_token_id
+    assert useful == int((~pads).sum()) and bool((batch["labels"][pads] == -100).all())
+    assert bool((batch["labels"][~pads] == batch["input_ids"][~pads]).all())
+    batch, useful = throughput.make_batch(cfg, 8, 64, padded=False, pad_fraction=0.5)
+    assert useful == 8 * 64 and bool((batch["labels"] == batch["input_ids"]).all())
+    order = throughput.plan([512, 1024], ["small", "base"], ["minimind2", "triton", "triton+compile"])
+    assert order[:4] == [(512, "small", "minimind2"), (512, "small", "triton"), (512, "base", "minimind2"),
+                         (512, "base", "triton")]
+    assert order[4] == (512, "small", "triton+compile") and len(order) == len(set(order)) == 12
+
+
+def _throughput_doc(device="NVIDIA H200"):
+    """A throughput file as bench.throughput writes it, with round numbers for hand computation."""
+    def row(variant, preset, tok_s, step_ms, useful, flops_per_token=1e9):
+        return {"preset": preset, "seq_len": 512, "variant": variant, "status": "ok", "useful_tokens_per_s": tok_s,
+                "step_ms": step_ms, "tokens_per_step": 16384, "useful_tokens_per_step": useful,
+                "flops_per_token": flops_per_token, "peak_GiB": 10.0}
+    return {"env": {"device": device, "device_kind": "cuda"}, "results": [
+        row("minimind2", "small", 100_000.0, 81.92, 8192), row("triton", "small", 400_000.0, 40.96, 16384),
+        row("torch", "small", 200_000.0, 81.92, 16384)]}
+
+
+def test_cost_arithmetic_by_hand():
+    doc = cost.build(_throughput_doc(), kernels={"ceilings": {"matmul_TFLOPs": 800.0}},
+                     tokens={"pretrain": 720_000_000, "sft_mini_512": 360_000_000}, epochs={"sft_mini_512": 2},
+                     price=1.5)
+    rows = {(r["model"], r["stage"]): r for r in doc["rows"]}
+    pre, sft = rows[("small", "pretrain")], rows[("small", "sft_mini_512")]
+    # 7.2e8 tokens / 4e5 tokens/s = 1800 s = 0.5 h -> 0.75 yuan at 1.5 yuan/h; the fastest variant is chosen
+    assert pre["variant"] == "triton" and pre["hours"] == pytest.approx(0.5) and pre["yuan"] == pytest.approx(0.75)
+    assert pre["minimind2_step_hours_here"] == pytest.approx(2.0)  # 7.2e8 / 1e5 s
+    # ratio projection: published 1.1 h / (4e5 / 1e5) = 0.275 h
+    assert pre["speedup"] == pytest.approx(4.0) and pre["proj_3090_ratio_h"] == pytest.approx(0.275)
+    # roofline: t_mm = 16384 * 1e9 / 800e12 = 0.02048 s of the 0.04096 s step; on a 3090
+    # 0.02048 * 989/71 + 0.02048 * 4800/936 = 0.285276... + 0.105025... = 0.390301 s per 16384 tokens
+    t3090 = 0.02048 * 989 / 71 + 0.02048 * 4800 / 936
+    assert pre["proj_3090_roofline_h"] == pytest.approx(7.2e8 / (16384 / t3090) / 3600)
+    t3090_low = 0.02048 * 989 / 71 + 0.02048  # the rest unscaled: launch-bound
+    assert pre["proj_3090_roofline_low_h"] == pytest.approx(7.2e8 / (16384 / t3090_low) / 3600)
+    # two epochs of 3.6e8 tokens at 4e5 tokens/s = 0.5 h
+    assert sft["hours"] == pytest.approx(0.5) and sft["token_source"] == "given"
+    h = doc["headline"]
+    assert h["hours"] == pytest.approx(1.0) and h["yuan"] == pytest.approx(1.5)
+    assert h["proj_3090_ratio_h"] == pytest.approx(1.1 / 4 + 2 * 1.0 / 4)  # sft published 1 h per epoch
+    assert h["target_met_ratio"] is False  # 0.775 h > 0.7 h
+    assert rows[("small", "rlhf")]["token_source"] == "estimate"
+    assert rows[("small", "rlhf")]["tokens"] == pytest.approx(0.9e9 / 2.6)
+    assert rows[("small", "rlhf")]["hours"] == pytest.approx(0.9e9 / 2.6 * 4 / 3 / 4e5 / 3600)
+    assert "MISSED (projection)" in cost.markdown(doc)
+
+
+def test_cost_cli_rejects_bad_pairs(tmp_path):
+    path = tmp_path / "throughput.json"
+    path.write_text(json.dumps(_throughput_doc()))
+    with pytest.raises(SystemExit, match="pretraining=5"):
+        cost.main(["--throughput", str(path), "--tokens", "pretraining=5"])
+    assert cost.main(["--throughput", str(path), "--tokens", "pretrain=7.2e8", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "cost.json").read_text())
+    assert doc["rows"][0]["tokens"] == 720_000_000 and (tmp_path / "cost.md").is_file()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_gpu_suite_end_to_end_on_cpu(tmp_path):
+    """The suite's plumbing with tiny CPU runs: every part writes its result and at most 8 files remain."""
+    out = tmp_path / "suite"
+    env = _env(GPU_SUITE_CPU_SMOKE="1", PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_suite.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and "summary.md" in files and "logs.tar.gz" in files, files
+    summary = (out / "summary.md").read_text()
+    assert summary in proc.stdout  # printed last
+    for section in ("## Kernel microbenchmarks", "## Training-step throughput", "## Training cost",
+                    "## Triton compile report"):
+        assert section in summary, section
+    for name in ("env", "kernels", "throughput", "cost", "compile_report"):
+        doc = json.loads((out / f"{name}.json").read_text())
+        if name in ("kernels", "throughput", "cost"):  # measured on the CPU, and saying so
+            assert doc["env"]["device_kind"] == "cpu" and doc["env"]["label"].startswith("CPU smoke"), name
+    tp = json.loads((out / "throughput.json").read_text())
+    assert [r["variant"] for r in tp["results"]] == ["minimind2", "torch"]
+    assert all(r["status"] == "ok" and r["useful_tokens_per_s"] > 0 for r in tp["results"])
+    assert tp["results"][1]["speedup"] > 0
+    cr = json.loads((out / "compile_report.json").read_text())
+    assert cr["rows"] and not cr["failures"] and all(r["cc"] == 90 for r in cr["rows"])
+
+
+def test_token_counts_and_padding_through_the_pipeline(tmp_path):
+    """cost --data: packed pretrain rows of 512 tokens, counted by the project's loader (the last partial row
+    dropped); throughput --pad_fraction_from: the pad share of one document per 512-token row."""
+    from minimind.tokenizer import load_tokenizer
+    texts = [f"第{i}段：小模型也能学会加法，{i} 加 {i} 等于 {2 * i}。" * 6 for i in range(40)]
+    path = tmp_path / "pretrain.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    n = cost.count_tokens("pretrain", str(path))
+    tok = load_tokenizer()
+    content = sum(len(tok.encode(t)) for t in texts)
+    assert n > 0 and n % 512 == 0
+    assert content - 512 < n <= content + 2 * len(texts)  # plus at most the two wrapping tokens per document
+    pad = throughput.padding_fraction_of(str(path), 512)
+    per_row = [len(tok.encode(t)) for t in texts]  # each document alone in a row of 512 (+ up to 2 wrappers)
+    assert 1 - (sum(per_row) + 2 * len(texts)) / (512 * len(texts)) - 1e-9 <= pad <= 1 - sum(per_row) / (512 * 40)
+
+
+def test_summary_survives_missing_and_broken_parts(tmp_path):
+    """A suite run where parts died: the summary still names what is missing instead of failing."""
+    from bench import report
+    (tmp_path / "parts.txt").write_text("| kernels | 124 (timed out) | 115 |\n")
+    (tmp_path / "throughput.json").write_text("{broken")
+    (tmp_path / "tests.log").write_text("tests/test_moe.py::test_a PASSED\ntests/test_moe.py::test_b FAILED\n")
+    text = report.summary(str(tmp_path))
+    assert "| kernels | 124 (timed out) | 115 |" in text
+    assert "## kernels: no result" in text and "## throughput: could not summarise" in text
+    assert "1 PASSED, 1 FAILED" in text

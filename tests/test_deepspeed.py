@@ -1,0 +1,51 @@
+"""--deepspeed with the shipped ZeRO-1 and ZeRO-2 configs trains on the CPU (DeepSpeed's CPU accelerator, gloo)
+and takes the same steps as the plain engine. Skipped where DeepSpeed is not installed (pip install -e '.[deepspeed]')."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tests.train_helpers import ROOT, demo_data, one_thread, run_module, tiny_flags  # noqa: F401  (fixtures)
+from train import pretrain
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+              pytest.mark.usefixtures("one_thread")]
+STEPS = 3
+
+
+@pytest.mark.parametrize("zero,nproc", [(1, 1), (2, 2)])
+def test_deepspeed_zero_matches_the_plain_engine(zero, nproc, demo_data, tmp_path):  # noqa: F811
+    """ZeRO-1 on one process and ZeRO-2 on two (sharded optimizer state and gradients) vs one plain process with
+    the same global batch (2 micro-batches of 2 per step)."""
+    accum = 2 // nproc
+    argv = tiny_flags(tmp_path / "ds", demo_data["pretrain"], steps=STEPS, batch_size=2,
+                      extra=["--accumulation_steps", accum, "--deepspeed", ROOT / f"train/configs/ds_zero{zero}.json"])
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    r = run_module([*launcher, "-m", "train.pretrain", *argv], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "ds" / "pretrain_64_resume_ds"
+    assert json.loads((folder / "latest.json").read_text()) == {"tag": f"step{STEPS}", "world_size": nproc}
+
+    plain = pretrain.main(tiny_flags(tmp_path / "plain", demo_data["pretrain"], steps=STEPS, batch_size=2,
+                                     extra=["--accumulation_steps", "2"]))
+    ds_weights = torch.load(tmp_path / "ds" / "pretrain_64.pth", weights_only=True)
+    for k, v in plain["model"].state_dict().items():
+        # the weight files are fp16: compare at fp16 resolution (2^-11 relative) on both sides
+        torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")
+    ds_losses = [json.loads(x)["loss"] for x in (tmp_path / "ds" / "pretrain_metrics.jsonl").read_text().splitlines()]
+    assert ds_losses == pytest.approx([loss for _, loss in plain["losses"]], abs=1e-4)
+
+
+def test_filled_config_rejects_a_contradicting_value(tmp_path):
+    from argparse import Namespace
+
+    from train.deepspeed_setup import filled_config
+    from train.engine import ConfigError
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    args = Namespace(batch_size=4, accumulation_steps=1, grad_clip=1.0, dtype="fp32", deepspeed=str(cfg))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 8 but --batch_size gives 4"):
+        filled_config(cfg, args, 1)
+    filled = filled_config(ROOT / "train/configs/ds_zero2.json", args, 2)
+    assert filled["train_batch_size"] == 8 and filled["bf16"]["enabled"] is False

@@ -1,0 +1,171 @@
+"""The engine's parts: schedule, FLOP count, atomic writes, clear errors before training, metrics and wandb."""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from minimind.config import MiniMindConfig
+from minimind.model import MiniMindForCausalLM
+from tests.train_helpers import demo_data, one_thread, run_module, tiny_flags  # noqa: F401  (fixtures)
+from train import engine, pretrain, sft
+from train.checkpoint import atomic_save
+from train.engine import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lr_schedule_is_minimind2_cosine_after_a_linear_warmup():
+    lr, total = 1e-3, 100
+    assert engine.lr_at(0, total, lr, 0) == pytest.approx(1.1e-3)  # lr/10 + lr at step 0
+    assert engine.lr_at(total, total, lr, 0) == pytest.approx(1e-4)  # floor lr/10 at the end
+    assert engine.lr_at(50, total, lr, 0) == pytest.approx(1e-4 + 0.5e-3)
+    assert engine.lr_at(0, total, lr, 10) == pytest.approx(engine.lr_at(0, total, lr, 0) / 10)
+    assert engine.lr_at(9, total, lr, 10) == pytest.approx(engine.lr_at(9, total, lr, 0))
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_flops_per_token_counts_matmuls_and_attention(use_moe):
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=1000, use_moe=use_moe)
+    model = MiniMindForCausalLM(cfg)
+    H, I, L, V, kv = 64, cfg.intermediate_size, 2, 1000, 2 * 16
+    attn = H * H * 2 + 2 * H * kv  # q, o and k, v
+    mlp = 3 * H * I
+    if use_moe:  # gate + top-2 of 4 routed experts + 1 shared expert
+        mlp = H * 4 + 2 * 3 * H * I + 3 * H * I
+    n = L * (attn + mlp) + V * H  # + lm_head (tied with the embedding, which is a lookup, not a matmul)
+    assert engine.matmul_params(model) == n
+    assert engine.default_flops_per_token(model, 128) == 6 * n + 12 * L * H * 128
+
+
+def test_peak_flops_is_unknown_on_cpu_unless_given():
+    assert engine.peak_flops(torch.device("cpu")) is None
+    assert engine.peak_flops(torch.device("cpu"), 100.0) == 1e14
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "w.pth"
+    atomic_save({"x": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # and no temporary left
+
+
+def test_errors_name_the_flag_or_file_before_training(demo_data, tmp_path):  # noqa: F811
+    def fails(match, **kw):
+        argv = tiny_flags(tmp_path, kw.pop("data", demo_data["pretrain"]), extra=kw.pop("extra", ()))
+        with pytest.raises(ConfigError, match=match):
+            kw.pop("stage", pretrain).main(argv)
+        assert not (tmp_path / "pretrain_metrics.jsonl").exists()  # nothing trained
+
+    fails(r"--data_path .*nope.jsonl: no such file", data=tmp_path / "nope.jsonl")
+    fails(r"--from_weight pretrain: no such file .*pretrain_64.pth", stage=sft, data=demo_data["sft"],
+          extra=["--from_weight", "pretrain"])
+    fails(r"--from_weight .*missing.pth: no such file", extra=["--from_weight", tmp_path / "missing.pth"])
+    fails(r"--dtype fp16 needs a CUDA device", extra=["--dtype", "fp16"])
+    fails(r"--accumulation_steps must be >= 1", extra=["--accumulation_steps", "0"])
+    fails(r"--deepspeed .*nope.json: no such file", extra=["--deepspeed", tmp_path / "nope.json"])
+    fails(r"--tokenizer .*: ", extra=["--tokenizer", tmp_path])
+    fails(r"gives 79 batches of 4 per process per epoch, fewer than --accumulation_steps 1000", extra=["--accumulation_steps", "1000"])
+    fails(r"bad model flags: hidden_size 64 is not divisible by num_attention_heads 5",
+          extra=["--num_attention_heads", "5"])
+    # a checkpoint of another shape: names the file and the flag to change
+    big = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=6400))
+    torch.save(big.state_dict(), tmp_path / "pretrain_64.pth")
+    fails(r"pretrain_64.pth does not fit the model: it has 3 layers \(model has --num_hidden_layers 2\)",
+          stage=sft, data=demo_data["sft"], extra=["--from_weight", "pretrain"])
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    fails(r"junk.pth: not a readable checkpoint", extra=["--from_weight", tmp_path / "junk.pth"])
+
+
+def test_bad_flag_on_the_command_line_is_a_usage_error(tmp_path):
+    r = run_module(["-m", "train.pretrain", "--epochs", "two"])
+    assert r.returncode == 2 and "--epochs: invalid int value" in r.stderr
+    r = run_module(["-m", "train.pretrain", "--data_path", str(tmp_path / "none.jsonl")])
+    assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_shows_minimind2_flags_and_the_gpu_recipe():
+    text = engine.build_parser(pretrain.STAGE).format_help()
+    for flag in ("--epochs", "--batch_size", "--learning_rate", "--accumulation_steps", "--grad_clip",
+                 "--warmup_iters", "--log_interval", "--save_interval", "--hidden_size", "--num_hidden_layers",
+                 "--max_seq_len", "--use_moe", "--data_path", "--from_weight", "--from_resume", "--use_wandb",
+                 "--wandb_project", "--dtype", "--device", "--out_dir", "--kernels", "--preset", "--compile",
+                 "--attn", "--deepspeed", "--seed", "--skip_bad_records", "--no_pack"):
+        assert flag in text, flag
+    assert "--preset small" in text
+    args = engine.build_parser(pretrain.STAGE).parse_args([])
+    assert (args.epochs, args.batch_size, args.learning_rate, args.accumulation_steps, args.max_seq_len) == \
+        (1, 32, 5e-4, 8, 512)
+    args = engine.build_parser(sft.STAGE).parse_args([])
+    assert (args.epochs, args.batch_size, args.learning_rate, args.from_weight) == (2, 16, 5e-7, "pretrain")
+
+
+def test_preset_and_explicit_flags():
+    args = engine.build_parser(pretrain.STAGE).parse_args(["--preset", "moe", "--num_hidden_layers", "2"])
+    cfg = engine.config_from_args(args, 6400)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (640, 2, True)
+    cfg = engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args([]), 6400)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (512, 8, False)  # MiniMind2's defaults
+
+
+def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noqa: F811
+    """Every log step lands in the JSONL file and, with --use_wandb, in wandb (a stand-in module here: the real
+    one is an optional extra); offline mode when there is no API key."""
+    calls = {}
+    run = types.SimpleNamespace(log=lambda d, step: calls.setdefault("log", []).append((step, d)),
+                                finish=lambda: calls.setdefault("finish", True))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.setdefault("init", kw) and run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    result = pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2, extra=["--use_wandb"]))
+    records = [json.loads(x) for x in (tmp_path / "pretrain_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mfu"] is None and r["lr"] > 0
+    assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "MiniMind-Pretrain"
+    assert [s for s, _ in calls["log"]] == [1, 2] and calls["finish"]
+    assert result["final_loss"] == records[-1]["loss"]
+
+
+def test_trainable_subset_and_custom_weights(demo_data, tmp_path):  # noqa: F811
+    """A stage that trains only the norms: everything else is bit-identical afterwards, and its weights function
+    decides what the weight file holds."""
+    def only_norms(model):
+        return [p for n, p in model.named_parameters() if "norm" in n]
+    stage = engine.Stage(name="normtune", data_kind="pretrain", save_prefix="normtune", loss=pretrain.lm_loss,
+                         trainable=only_norms,
+                         weights=lambda m, run: {k: v for k, v in m.state_dict().items() if "norm" in k})
+    torch.manual_seed(42)
+    result = engine.main(stage, tiny_flags(tmp_path, demo_data["pretrain"], steps=2))
+    torch.manual_seed(42)
+    start = MiniMindForCausalLM(result["model"].config)
+    changed = {k for k, v in result["model"].state_dict().items() if not torch.equal(v, start.state_dict()[k])}
+    assert changed and all("norm" in k for k in changed)
+    saved = torch.load(result["weights_path"], weights_only=True)
+    assert saved and all("norm" in k for k in saved)
+
+
+def test_bf16_autocast_and_moe_train_on_cpu(demo_data, tmp_path):  # noqa: F811
+    """--dtype bf16 (CPU autocast, fp32 master weights, no GradScaler) with an MoE model: the MoE file name,
+    a finite falling loss, the auxiliary loss in the metrics."""
+    result = pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=3,
+                                      extra=["--dtype", "bf16", "--use_moe", "1"]))
+    assert result["weights_path"].endswith("pretrain_64_moe.pth")
+    assert all(p.dtype == torch.float32 for p in result["model"].parameters())
+    records = [json.loads(x) for x in (tmp_path / "pretrain_metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] and records[0]["aux_loss"] > 0
+    saved = torch.load(result["weights_path"], weights_only=True)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in saved  # MiniMind2's per-expert keys

@@ -1,0 +1,82 @@
+"""Checkpoint files: atomic writes, MiniMind2 weight files, and the random-number state a resume needs.
+
+Every file is written to a temporary name in the same folder, flushed and fsync'ed, then renamed over the target
+with os.replace (atomic on POSIX and Windows): a crash mid-save leaves the previous file intact, never a torn one.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` atomically. Returns the Path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(text, path):
+    """Write a small text file atomically (same scheme as atomic_save)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder):
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fp16_state_dict(model):
+    """The model's state dict as MiniMind2 stores it: every floating tensor in fp16, on the CPU."""
+    return {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
+
+
+def rng_state():
+    """Every random-number generator a training step can touch."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

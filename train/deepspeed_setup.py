@@ -1,0 +1,87 @@
+"""DeepSpeed ZeRO-1/2 under the engine: the JSON config filled from our flags, initialisation, resume state.
+
+The shipped configs (train/configs/ds_zero{1,2}.json) leave batch sizes, accumulation, clipping and precision as
+"auto"; they are filled from --batch_size, --accumulation_steps, --grad_clip and --dtype. An explicit value that
+contradicts a flag is an error, not a silent override. The optimizer stays the engine's AdamW (DeepSpeed shards
+its state), and the engine sets its learning rate each step.
+
+Resume state is DeepSpeed's own sharded checkpoint (every process writes its part) in a folder; the folder's
+`latest` file names the complete tag and is replaced atomically only after every process has finished writing,
+so a crash mid-save leaves the previous tag in force.
+"""
+import json
+import shutil
+from pathlib import Path
+
+from train import distributed
+from train.checkpoint import atomic_write_text
+
+
+def filled_config(path, args, world_size) -> dict:
+    """The DeepSpeed config at `path` with every "auto" replaced by the value our flags give."""
+    from train.engine import ConfigError
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--deepspeed {path}: {e}") from None
+    want = {
+        "train_micro_batch_size_per_gpu": (args.batch_size, "--batch_size"),
+        "gradient_accumulation_steps": (args.accumulation_steps, "--accumulation_steps"),
+        "train_batch_size": (args.batch_size * args.accumulation_steps * world_size,
+                             "--batch_size x --accumulation_steps x processes"),
+        "gradient_clipping": (args.grad_clip, "--grad_clip"),
+    }
+    for key, (value, flag) in want.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and have != value:
+            raise ConfigError(f"--deepspeed {path}: {key} is {have} but {flag} gives {value}; set it to \"auto\"")
+        cfg[key] = value
+    for key, on in (("bf16", args.dtype in ("bf16", "bfloat16")), ("fp16", args.dtype in ("fp16", "float16"))):
+        section = cfg.setdefault(key, {})
+        if section.get("enabled", "auto") not in ("auto", on):
+            raise ConfigError(f"--deepspeed {path}: {key}.enabled is {section['enabled']} but --dtype is {args.dtype}")
+        section["enabled"] = on
+    cfg["zero_allow_untested_optimizer"] = True  # the engine's torch AdamW
+    return cfg
+
+
+def initialize(step_module, trainable, optimizer, args, dist):
+    """Wrap the engine's step module and optimizer in a DeepSpeed engine. Returns (engine, wrapped optimizer)."""
+    import deepspeed
+    config = filled_config(args.deepspeed, args, dist.world_size)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=step_module, model_parameters=trainable,
+                                                      optimizer=optimizer, config=config)
+    return engine, ds_optimizer
+
+
+def save_resume(engine, folder, state, dist):
+    """Every process writes its shard under tag step{N}; then `latest` flips to it and older tags are removed."""
+    folder = Path(folder)
+    tag = f"step{state['step']}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={"engine_state": state}, save_latest=False)
+    distributed.barrier(dist)
+    if dist.is_main:
+        atomic_write_text(json.dumps({"tag": tag, "world_size": dist.world_size}), folder / "latest.json")
+        for old in folder.iterdir():
+            if old.is_dir() and old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(dist)
+
+
+def load_resume(engine, folder, dist) -> dict:
+    """Load the tag `latest.json` names; returns the engine state saved with it."""
+    from train.engine import ConfigError
+    folder = Path(folder)
+    try:
+        latest = json.loads((folder / "latest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--from_resume {folder}: not a DeepSpeed resume folder ({e})") from None
+    if latest["world_size"] != dist.world_size:
+        raise ConfigError(f"--from_resume {folder}: saved by {latest['world_size']} processes; DeepSpeed's sharded "
+                          f"optimizer state needs the same number (got {dist.world_size}); resume without "
+                          "--deepspeed or with that many processes")
+    path, client = engine.load_checkpoint(str(folder), tag=latest["tag"])
+    if path is None:
+        raise ConfigError(f"--from_resume {folder}: DeepSpeed could not load tag {latest['tag']}")
+    return client["engine_state"]
+

@@ -1,0 +1,756 @@
+"""The training engine: one loop that every stage (pretrain, sft, lora, dpo, distill, reason) runs.
+
+A stage is a recipe (`Stage`): which data, which loss, which weights to start from and which to write. The engine
+does the rest, once: flags, precision, gradient accumulation, clipping, AdamW, the learning-rate schedule, DDP or
+DeepSpeed, torch.compile, the progress bar and metrics, checkpoints, resume, and a clean stop on SIGINT/SIGTERM.
+
+One optimizer step, with A = --accumulation_steps micro-batches per process and W processes:
+
+    loss_step = mean over the W*A micro-batches of the global batch of (the stage's mean loss of that micro-batch)
+
+Each process backpropagates loss_micro / A (DDP averages the gradients over the W processes). Because the loader
+composes global batches independently of W (rank r takes global batches r, r+W, ...), W processes with A
+micro-steps each take exactly the step one process takes with W*A micro-steps. We average per-micro-batch means
+rather than normalising by the global token count: it needs no look-ahead over the micro-batches of a step and is
+what MiniMind2 does; the price is that a token in a short micro-batch weighs a little more than in a long one.
+
+Learning rate at step s of S (MiniMind2's cosine, plus the warmup MiniMind2 declares but never applies):
+
+    cosine(s) = lr/10 + 0.5 * lr * (1 + cos(pi * s / S));  lr(s) = cosine(s) * min(1, (s + 1) / warmup_iters)
+
+Model FLOPs utilisation, per token of a micro-batch of sequence length T (PaLM's convention, forward + backward):
+
+    flops/token = 6 * N_matmul + 12 * L * d_attn * T
+
+N_matmul counts the weights of every matrix multiply a token goes through (attention and MLP projections, the
+lm_head; for MoE the shared experts and k of the E routed experts); the embedding lookup is not a matmul.
+12 * L * d_attn * T is QK^T and AV (2 * 2 * T * d_attn per layer forward, x3 with the backward), d_attn =
+heads * head_dim. MFU = achieved flops/s / (processes * peak dense bf16 tensor flops/s of one device), counting
+only useful (non-pad) tokens, so padding shows up as lost MFU.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from minimind.config import PRESETS, MiniMindConfig
+from minimind.model import MiniMindForCausalLM
+from train import distributed
+from train.checkpoint import atomic_save, fp16_state_dict, rng_state, set_rng_state
+
+
+class ConfigError(ValueError):
+    """A bad flag, a missing file, or a checkpoint that does not fit the configuration: raised before training."""
+
+
+@dataclass
+class Stage:
+    """A training recipe. See /docs in the module docstring of each stage file for an example."""
+    name: str
+    data_kind: str
+    save_prefix: str
+    loss: Callable
+    defaults: dict = field(default_factory=dict)
+    add_args: Optional[Callable] = None
+    prepare: Optional[Callable] = None
+    trainable: Optional[Callable] = None
+    weights: Optional[Callable] = None
+    weights_path: Optional[Callable] = None
+    tokens: Optional[Callable] = None
+    flops_per_token: Optional[Callable] = None
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+GPU_RECIPE = """\
+GPU recipe (MiniMind2-Small on MiniMind's data, from the repository root):
+  python -m train.pretrain --preset small --data_path dataset/pretrain_hq.jsonl
+  python -m train.sft      --preset small --data_path dataset/sft_mini_512.jsonl
+  python -m train.dpo      --preset small --data_path dataset/dpo.jsonl
+  python -m train.reason   --preset small --data_path dataset/r1_mix_1024.jsonl
+Several GPUs: torchrun --nproc_per_node N -m train.pretrain ...  (or add --deepspeed train/configs/ds_zero2.json)
+"""
+
+
+def _flag_bool(s):
+    if str(s).lower() in ("1", "true", "yes"):
+        return True
+    if str(s).lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1, got {s!r}")
+
+
+def build_parser(stage: Stage) -> argparse.ArgumentParser:
+    """MiniMind2's flag names and defaults, then ours; stage.defaults override the generic defaults."""
+    p = argparse.ArgumentParser(prog=f"python -m train.{stage.name}", description=f"MiniMind {stage.name} stage",
+                                epilog=GPU_RECIPE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("MiniMind2 flags")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch_size", type=int, default=32, help="micro-batch size per process")
+    g.add_argument("--learning_rate", type=float, default=5e-4)
+    g.add_argument("--accumulation_steps", type=int, default=1)
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
+    g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--log_interval", type=int, default=100)
+    g.add_argument("--save_interval", type=int, default=100, help="save weights + resume state every N steps")
+    g.add_argument("--hidden_size", type=int, default=None, help="default 512 (or the --preset's)")
+    g.add_argument("--num_hidden_layers", type=int, default=None, help="default 8 (or the --preset's)")
+    g.add_argument("--max_seq_len", type=int, default=512)
+    g.add_argument("--use_moe", type=_flag_bool, default=None, help="0 or 1 (default 0, or the --preset's)")
+    g.add_argument("--data_path", default=None, help="JSON Lines training data")
+    g.add_argument("--from_weight", default="none",
+                   help="starting weights: none | a stage prefix (pretrain -> OUT_DIR/pretrain_{hidden}.pth) | a path")
+    g.add_argument("--save_weight", default=stage.save_prefix, help="prefix of the weight file this run writes")
+    g.add_argument("--from_resume", default="0",
+                   help="0 | 1 (continue from OUT_DIR's resume checkpoint if there is one) | a resume file path")
+    g.add_argument("--use_wandb", action="store_true")
+    g.add_argument("--wandb_project", default=f"MiniMind-{stage.name}")
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="autocast compute dtype (default bf16 on CUDA, fp32 on CPU); GradScaler only for fp16")
+    g.add_argument("--device", default=None, help="default cuda (cuda:LOCAL_RANK under torchrun) or cpu")
+    g.add_argument("--out_dir", default="out")
+    o = p.add_argument_group("ours")
+    o.add_argument("--preset", default=None, choices=sorted(PRESETS), help="small | base | moe")
+    o.add_argument("--num_attention_heads", type=int, default=None)
+    o.add_argument("--num_key_value_heads", type=int, default=None)
+    o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
+                   help="op backend (default triton on CUDA, torch on CPU)")
+    o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"))
+    o.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
+    o.add_argument("--seed", type=int, default=42)
+    o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
+    o.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
+    o.add_argument("--weight_decay", type=float, default=0.01)
+    o.add_argument("--max_steps", type=int, default=0, help="cap the optimizer steps (0 = all epochs)")
+    o.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: looked up)")
+    o.add_argument("--stop_after", type=int, default=0,
+                   help="(testing) stop as on SIGINT after N optimizer steps of this run")
+    if stage.add_args:
+        stage.add_args(p)
+    p.set_defaults(**stage.defaults)
+    return p
+
+
+def config_from_args(args, vocab_size: int) -> MiniMindConfig:
+    """--preset first, then any explicit model flag on top of it."""
+    base = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads"):
+        if getattr(args, name) is not None:
+            base[name] = getattr(args, name)
+    try:
+        return MiniMindConfig(vocab_size=vocab_size, **base)
+    except ValueError as e:
+        raise ConfigError(f"bad model flags: {e}") from None
+
+
+def weight_file_name(prefix: str, config: MiniMindConfig) -> str:
+    return f"{prefix}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
+
+
+def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig) -> Optional[Path]:
+    """'none' -> None; a stage prefix -> OUT_DIR/{prefix}_{hidden}[_moe].pth; else a path. The file must exist."""
+    if name_or_path in (None, "", "none"):
+        return None
+    looks_like_path = name_or_path.endswith((".pth", ".pt")) or os.sep in name_or_path or "/" in name_or_path
+    path = Path(name_or_path) if looks_like_path else Path(out_dir) / weight_file_name(name_or_path, config)
+    if not path.is_file():
+        raise ConfigError(f"--from_weight {name_or_path}: no such file {path}"
+                          + ("" if looks_like_path else " (run the stage that writes it first, or pass a path)"))
+    return path
+
+
+def _shape_of_state(sd):
+    """(vocab, hidden, layers, moe) read off a MiniMind2 state dict."""
+    emb = sd.get("model.embed_tokens.weight", sd.get("lm_head.weight"))
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
+    moe = any(".mlp.experts." in k or ".mlp.w_gate" in k for k in sd)
+    return (None if emb is None else tuple(emb.shape)), len(layers), moe
+
+
+def load_weights(model: nn.Module, source, name: str = "weights"):
+    """Strict load of a state dict (or a .pth path) into model, with an error naming the file and the flag to fix."""
+    sd = source
+    if not isinstance(source, dict):
+        name = str(source)
+        try:
+            sd = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"{name}: no such file") from None
+        except Exception as e:
+            raise ConfigError(f"{name}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]  # a resume checkpoint
+    cfg = getattr(model, "config", None)
+    if cfg is not None and isinstance(model, MiniMindForCausalLM):
+        emb, layers, moe = _shape_of_state(sd)
+        problems = []
+        if emb is not None and emb[1] != cfg.hidden_size:
+            problems.append(f"hidden_size {emb[1]} (model has --hidden_size {cfg.hidden_size})")
+        if emb is not None and emb[0] != cfg.vocab_size:
+            problems.append(f"vocab_size {emb[0]} (the tokenizer gives {cfg.vocab_size}; pass --tokenizer)")
+        if layers != cfg.num_hidden_layers:
+            problems.append(f"{layers} layers (model has --num_hidden_layers {cfg.num_hidden_layers})")
+        if moe != cfg.use_moe:
+            problems.append(f"use_moe {int(moe)} (model has --use_moe {int(cfg.use_moe)})")
+        if problems:
+            raise ConfigError(f"{name} does not fit the model: it has " + ", ".join(problems))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{name} does not fit the model: {e}") from None
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+class Run:
+    """What a stage's loss / prepare / weights functions see: flags, devices, tokenizer, frozen models."""
+
+    def __init__(self, args, config, tokenizer, device, dtype, dist):
+        self.args, self.config, self.tokenizer = args, config, tokenizer
+        self.device, self.dtype, self.dist = device, dtype, dist
+        self.rank, self.world_size, self.is_main = dist.rank, dist.world_size, dist.is_main
+        self.step, self.epoch = 0, 0
+        self.extras = {}
+        self.out_dir = Path(args.out_dir)
+        self._bar = None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def log(self, msg):
+        if self.is_main:
+            (self._bar.write if self._bar is not None else print)(msg)
+
+    def build_model(self, config=None, weights=None, kernels=None):
+        """A MiniMindForCausalLM on this run's device (fp32 params); weights: None | stage prefix | path."""
+        config = config or self.config
+        model = MiniMindForCausalLM(config, kernels=kernels or self.args.kernels, attn=self.args.attn)
+        path = resolve_weights(weights, self.out_dir, config) if weights else None
+        if path is not None:
+            load_weights(model, path)
+        return model.to(self.device)
+
+
+class StageStep(nn.Module):
+    """What DDP / DeepSpeed wrap: forward(batch) = the stage's loss on the model, under autocast. Any method of the
+    model the loss calls is inside this forward, so gradient synchronisation covers it."""
+
+    def __init__(self, model, loss_fn, run):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+        self.__dict__["run"] = run  # not a submodule
+
+    def forward(self, batch):
+        with self.run.autocast():
+            return self.loss_fn(self.model, batch, self.run)
+
+
+def lr_at(step, total, lr, warmup):
+    """MiniMind2's cosine from lr to lr/10 (+ lr/10 floor), times a linear warmup over the first `warmup` steps."""
+    cosine = lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * step / max(total, 1)))
+    return cosine * min(1.0, (step + 1) / warmup) if warmup > 0 else cosine
+
+
+# Dense bf16/fp16 tensor-core peak of one device, TFLOP/s (vendor datasheets, no sparsity). Matched by substring of
+# torch.cuda.get_device_name(), most specific first.
+PEAK_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
+    ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("RTX A6000", 155.0), ("V100", 125.0), ("T4", 65.0),
+]
+
+
+def peak_flops(device, override_tflops=None):
+    """Peak flop/s of one device, or None when unknown (CPU, an unlisted GPU): MFU is then shown as n/a."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights a token is multiplied by on its way through the model (see the module docstring)."""
+    from minimind.model import MoEFeedForward
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            n += m.weight.numel()
+        elif isinstance(m, MoEFeedForward):
+            per_expert = m.w_gate[0].numel() + m.w_up[0].numel() + m.w_down[0].numel()
+            n += m.top_k * per_expert
+    return n
+
+
+def default_flops_per_token(model, seq_len, n_matmul=None):
+    """6 * N_matmul + 12 * L * d_attn * T (see the module docstring); pass n_matmul to skip counting it."""
+    cfg = model.config
+    n_matmul = matmul_params(model) if n_matmul is None else n_matmul
+    return 6 * n_matmul + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def default_tokens(batch) -> int:
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    return int(batch["input_ids"].numel())
+
+
+def _seq_len(batch) -> int:
+    for k, v in batch.items():
+        if k.endswith("input_ids"):
+            return v.shape[-1]
+    return next(iter(batch.values())).shape[-1]
+
+
+class MetricsLog:
+    """{out_dir}/{stage}_metrics.jsonl (appended, so a resumed run continues it) and optionally wandb."""
+
+    def __init__(self, path, args, stage_name, enabled):
+        self.path, self.enabled, self.wandb = Path(path), enabled, None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if args.use_wandb:
+            import wandb  # lazy: only with --use_wandb
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb.init(project=args.wandb_project, name=f"{stage_name}-{args.save_weight}",
+                                    config={k: v for k, v in vars(args).items() if _jsonable(v)}, mode=mode,
+                                    dir=str(self.path.parent))
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _jsonable(v):
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM -> finish the current step, save a resume checkpoint, exit. A second signal aborts."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def install(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a resume checkpoint after this step "
+              f"(signal again to abort)", file=sys.stderr, flush=True)
+
+    def uninstall(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _min_over_processes(n: int, dist, device) -> int:
+    if not dist.enabled:
+        return n
+    import torch.distributed as tdist
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def grad_scaler(device):
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError):  # torch < 2.3
+        return torch.cuda.amp.GradScaler()
+
+
+def _progress_bar(total, initial, name, is_main):
+    if not is_main:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
+
+
+def _fmt_mfu(mfu):
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+
+
+def _log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W, dist, t_start):
+    """Average loss and metrics over the step's micro-batches and the processes; throughput since the last log."""
+    names = sorted(metric_sums)
+    values = [loss.float().reshape(())] + [torch.as_tensor(metric_sums[k], dtype=torch.float32,
+                                                           device=loss.device).reshape(()) / A for k in names]
+    means = distributed.all_reduce_mean(torch.stack(values), dist).tolist()
+    counts = torch.tensor([window["tokens"], window["flops"]], dtype=torch.float64, device=loss.device)
+    tokens, flops = (distributed.all_reduce_mean(counts, dist) * W).tolist()
+    now = time.perf_counter()
+    dt = max(now - window["t"], 1e-9)
+    window.update(t=now, tokens=0, flops=0.0)
+    record = dict(step=step, epoch=epoch, loss=means[0], lr=lr, tokens_per_s=tokens / dt,
+                  mfu=(flops / dt / (peak * W)) if peak else None,
+                  grad_norm=None if grad_norm is None else float(grad_norm), elapsed_s=now - t_start)
+    record.update(zip(names, means[1:]))
+    return means[0], record
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def _check_args(args, stage):
+    """Everything that can be checked from the flags alone, before any model or data is built."""
+    for name in ("epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "save_interval"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not args.data_path or not Path(args.data_path).is_file():
+        raise ConfigError(f"--data_path {args.data_path}: no such file")
+    if args.device is None or (args.device == "cuda" and distributed.launched_by_torchrun()):
+        local = int(os.environ.get("LOCAL_RANK", 0))  # one GPU per process under torchrun
+        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.dtype is None:
+        args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if DTYPES[args.dtype] == torch.float16 and device.type != "cuda":
+        raise ConfigError(f"--dtype {args.dtype} needs a CUDA device (CPUs have no fast fp16 matmuls and fp16 "
+                          "needs loss scaling); use --dtype bf16 or fp32 on the CPU")
+    if args.kernels is None:
+        args.kernels = "triton" if device.type == "cuda" else "torch"
+    if args.deepspeed:
+        if not Path(args.deepspeed).is_file():
+            raise ConfigError(f"--deepspeed {args.deepspeed}: no such file")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("--deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
+        if args.compile:
+            raise ConfigError("--compile with --deepspeed is not supported; drop one of them")
+    if args.use_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--use_wandb needs wandb: pip install -e '.[wandb]'") from None
+    if args.from_resume not in ("0", "1") and not Path(args.from_resume).exists():
+        raise ConfigError(f"--from_resume {args.from_resume}: no such file")
+    return device
+
+
+def main(stage: Stage, argv=None) -> dict:
+    """Parse the flags (argv=None: the command line) and train. On the command line a ConfigError prints as a
+    usage error (exit 2); called with an argv list it is raised."""
+    parser = build_parser(stage)
+    args = parser.parse_args(argv)
+    from minimind.data import DataError
+    try:
+        return train(stage, args)
+    except (ConfigError, DataError) as e:
+        if argv is not None:
+            raise
+        parser.error(str(e))
+
+
+def train(stage: Stage, args) -> dict:
+    """Train with parsed flags; returns the result dict (see the stage files)."""
+    device = _check_args(args, stage)
+    dist = distributed.init(device.type, need_group=bool(args.deepspeed))
+    set_local_rank = args.deepspeed and "LOCAL_RANK" not in os.environ  # DeepSpeed insists on it
+    if set_local_rank:
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        return _train(stage, args, device, dist)
+    finally:
+        distributed.shutdown(dist)
+        if set_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
+
+
+def _resume_source(args, default_path):
+    if args.from_resume == "0":
+        return None
+    path = default_path if args.from_resume == "1" else Path(args.from_resume)
+    return path if path.exists() else None
+
+
+def _check_resume(state, path, stage, args, config):
+    if state.get("stage") != stage.name:
+        raise ConfigError(f"--from_resume {path}: written by stage {state.get('stage')!r}, not {stage.name!r}")
+    saved = MiniMindConfig.from_dict(state["config"])
+    diff = [f"{k} {getattr(saved, k)} (now {getattr(config, k)})" for k in ("hidden_size", "num_hidden_layers",
+            "use_moe", "vocab_size", "num_attention_heads", "num_key_value_heads") if getattr(saved, k) !=
+            getattr(config, k)]
+    if diff:
+        raise ConfigError(f"--from_resume {path} was trained with " + ", ".join(diff))
+    for flag in ("batch_size", "max_seq_len"):
+        if state["args"][flag] != getattr(args, flag):
+            raise ConfigError(f"--from_resume {path}: the data position counts batches of --{flag} "
+                              f"{state['args'][flag]}, got --{flag} {getattr(args, flag)}")
+
+
+def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, scaler=None, ddp=None,
+               ds_engine=None):
+    """ONE optimizer step, the only one there is: the engine's loop and bench/throughput.py both call it.
+
+    For each of the A micro-batches (dicts of tensors already on the device): loss, metrics = wrapped(batch) (a
+    StageStep, possibly inside DDP or DeepSpeed), backward of loss / A (through the GradScaler for fp16); DDP
+    syncs gradients on the last micro-batch only. Then unscale, clip the gradient norm of `params` to grad_clip,
+    set the learning rate, AdamW step, zero_grad. Returns (mean loss over the micro-batches (0-dim tensor),
+    {metric: sum over micro-batches}, grad norm or None).
+    """
+    A = len(micro_batches)
+    loss_sum, metric_sums = None, {}
+    for micro, batch in enumerate(micro_batches):
+        if ds_engine is not None:
+            loss, metrics = ds_engine(batch)
+            ds_engine.backward(loss)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            ds_engine.step()
+        else:
+            sync = ddp is None or micro == A - 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                loss, metrics = wrapped(batch)
+                scaled = loss / A
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+    grad_norm = None
+    if ds_engine is None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum / A, metric_sums, grad_norm
+
+
+def _train(stage, args, device, dist):
+    from minimind.data import build_loader
+    from minimind.tokenizer import load_tokenizer
+
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"--tokenizer {args.tokenizer or '(bundled)'}: {e}") from None
+    config = config_from_args(args, tokenizer.vocab_size)
+    run = Run(args, config, tokenizer, device, dtype, dist)
+    out_dir = run.out_dir
+    start_weights = resolve_weights(args.from_weight, out_dir, config)
+    resume_path = out_dir / weight_file_name(args.save_weight, config).replace(
+        ".pth", "_resume_ds" if args.deepspeed else "_resume.pt")
+    resume_from = _resume_source(args, resume_path)
+
+    loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
+                          batch_size=args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size,
+                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records)
+    steps_per_epoch = _min_over_processes(len(loader) // args.accumulation_steps, dist, device)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--data_path {args.data_path} gives {len(loader)} batches of {args.batch_size} per "
+                          f"process per epoch, fewer than --accumulation_steps {args.accumulation_steps}")
+
+    model = MiniMindForCausalLM(config, kernels=args.kernels, attn=args.attn)
+    if start_weights is not None:
+        load_weights(model, start_weights)
+    model.to(device)
+    if stage.prepare:
+        model = stage.prepare(model, run)
+    trainable = list(stage.trainable(model)) if stage.trainable else [p for p in model.parameters()]
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+    state = None
+    if resume_from is not None and not args.deepspeed:
+        state = torch.load(resume_from, map_location="cpu", weights_only=False)
+        _check_resume(state, resume_from, stage, args, config)
+        model.load_state_dict(state["model"])
+    elif args.from_resume == "1" and resume_from is None:
+        run.log(f"no resume checkpoint at {resume_path}; starting from the beginning")
+
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    scaler = grad_scaler(device) if dtype == torch.float16 and not args.deepspeed else None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+
+    compiled = torch.compile(model) if args.compile else model
+    step_module = StageStep(compiled, stage.loss, run)
+    ds_engine = ddp = None
+    if args.deepspeed:
+        from train import deepspeed_setup
+        ds_engine, optimizer = deepspeed_setup.initialize(step_module, trainable, optimizer, args, dist)
+        if resume_from is not None:
+            state = deepspeed_setup.load_resume(ds_engine, resume_from, dist)
+            _check_resume(state, resume_from, stage, args, config)
+        wrapped = ds_engine
+    elif dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = ddp
+    else:
+        wrapped = step_module
+
+    step, epoch, epoch_batches, tokens_total = 0, 0, 0, 0
+    if state is not None:
+        step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        tokens_total = state.get("tokens", 0)
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        run.log(f"resumed from {resume_from} at step {step} (epoch {epoch}, "
+                f"{epoch_batches} global batches into it; saved by {state['world_size']} process(es))")
+    W, A = dist.world_size, args.accumulation_steps
+    # Steps still to do: the rest of this epoch from the global position, then whole epochs.
+    left_this_epoch = _min_over_processes((len(loader) * W - epoch_batches) // W // A, dist, device)
+    total_steps = step + left_this_epoch + (args.epochs - epoch - 1) * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+
+    metrics_path = out_dir / f"{stage.name}_metrics.jsonl"
+    if state is None and dist.is_main and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    metrics_log = MetricsLog(metrics_path, args, stage.name, dist.is_main)
+    peak = peak_flops(device, args.peak_tflops)
+    n_matmul = matmul_params(model)
+    flops_fn = stage.flops_per_token or (lambda m, T: default_flops_per_token(m, T, n_matmul))
+    tokens_fn = stage.tokens or default_tokens
+    weights_fn = stage.weights or (lambda m, r: fp16_state_dict(m))
+    weights_path = (stage.weights_path(run) if stage.weights_path
+                    else out_dir / weight_file_name(args.save_weight, config))
+
+    def save(final=False):
+        if dist.is_main:
+            atomic_save(weights_fn(model, run), weights_path)
+        resume_state = dict(format="minimind-triton-resume/1", stage=stage.name, step=step, epoch=epoch,
+                            epoch_batches=epoch_batches, tokens=tokens_total, loader=loader.state_dict(),
+                            rng=rng_state(), config=config.to_dict(), world_size=W, finished=final,
+                            args={k: v for k, v in vars(args).items() if _jsonable(v)})
+        if ds_engine is not None:
+            from train import deepspeed_setup
+            deepspeed_setup.save_resume(ds_engine, resume_path, resume_state, dist)
+        elif dist.is_main:
+            resume_state.update(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                scaler=scaler.state_dict() if scaler is not None else None)
+            atomic_save(resume_state, resume_path)
+
+    stop = _StopRequest().install()
+    bar = _progress_bar(total_steps, step, stage.name, dist.is_main)
+    run._bar = bar
+    losses, run_steps, t_start, interrupted = [], 0, time.perf_counter(), False
+    loss_val = float("nan")
+    window = dict(t=time.perf_counter(), tokens=0, flops=0.0)
+    model.train()
+    try:
+        while step < total_steps and epoch < args.epochs:
+            it = iter(loader)
+            steps_here = min(left_this_epoch, total_steps - step)
+            for _ in range(steps_here):
+                run.step, run.epoch = step, epoch
+                lr = lr_at(step, total_steps, args.learning_rate, args.warmup_iters)
+                micro_batches = []
+                for _ in range(A):
+                    batch = next(it)
+                    n_tok = tokens_fn(batch)
+                    window["tokens"] += n_tok
+                    window["flops"] += n_tok * flops_fn(model, _seq_len(batch))
+                    tokens_total += n_tok * W
+                    micro_batches.append(_to_device(batch, device))
+                loss_mean, metric_sums, grad_norm = train_step(wrapped, micro_batches, optimizer, trainable, lr,
+                                                               grad_clip=args.grad_clip, scaler=scaler, ddp=ddp,
+                                                               ds_engine=ds_engine)
+                step += 1
+                run_steps += 1
+                epoch_batches += W * A
+                stopping = distributed.any_process(
+                    stop.requested or (args.stop_after and run_steps >= args.stop_after), dist, device)
+                if step % args.log_interval == 0 or step == total_steps or stopping:
+                    loss_val, record = _log_step(step, epoch, lr, loss_mean, metric_sums, A, grad_norm, window,
+                                                 peak, W, dist, t_start)
+                    losses.append([step, loss_val])
+                    metrics_log.write(record)
+                    if bar is not None:
+                        bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tokens_per_s']:.0f} "
+                                            f"mfu {_fmt_mfu(record['mfu'])}")
+                if bar is not None:
+                    bar.update(1)
+                if stopping:
+                    interrupted = True
+                    break
+                if step % args.save_interval == 0 and step < total_steps:
+                    save()
+            if interrupted:
+                break
+            if step >= total_steps:
+                break
+            epoch += 1
+            epoch_batches = 0
+            left_this_epoch = steps_per_epoch
+            loader.set_epoch(epoch)
+        save(final=not interrupted)
+    finally:
+        stop.uninstall()
+        if bar is not None:
+            bar.close()
+        metrics_log.close()
+    seconds = time.perf_counter() - t_start
+    if interrupted:
+        run.log(f"stopped at step {step}; resume with --from_resume 1 (state in {resume_path})")
+    return dict(stage=stage.name, weights_path=str(weights_path), resume_path=str(resume_path),
+                metrics_path=str(metrics_log.path), steps=step, total_steps=total_steps, final_loss=loss_val,
+                losses=losses, tokens=tokens_total, seconds=seconds,
+                tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0, interrupted=interrupted, model=model)

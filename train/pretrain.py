@@ -1,0 +1,38 @@
+"""Pretraining: next-token prediction on plain text, from scratch.
+
+Data: JSON Lines {"text": ...} (MiniMind's pretrain_hq.jsonl). Rows are packed: documents back to back, each
+closed by <|im_end|>, cut into max_seq_len rows with no padding (--no_pack: MiniMind2's one document per row,
+padded to max_seq_len). Loss: mean cross-entropy over every non-pad target. Writes out/pretrain_{hidden}[_moe].pth.
+
+    python -m train.pretrain --data_path dataset/pretrain_hq.jsonl            # MiniMind2-Small recipe
+"""
+from train import engine
+
+
+def lm_loss(model, batch, run):
+    """Mean next-token cross-entropy (plus the MoE auxiliary loss), computed from the hidden states.
+
+    No attention mask: training rows are packed or right-padded, so causal attention already keeps every position
+    that carries loss away from the pads, and the unmasked attention path is the fast one (no host sync)."""
+    out = model(batch["input_ids"], labels=batch["labels"])
+    return out.loss, {"aux_loss": out.aux_loss.detach()}
+
+
+def add_args(parser):
+    parser.add_argument("--no_pack", action="store_true",
+                        help="one document per row padded to max_seq_len (MiniMind2's layout) instead of packing")
+
+
+STAGE = engine.Stage(
+    name="pretrain", data_kind="pretrain", save_prefix="pretrain", loss=lm_loss, add_args=add_args,
+    defaults=dict(epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=8, max_seq_len=512,
+                  data_path="dataset/pretrain_hq.jsonl", from_weight="none", wandb_project="MiniMind-Pretrain"),
+)
+
+
+def main(argv=None):
+    return engine.main(STAGE, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Data sets for every training stage: JSON Lines -> token cache -> batches. See `build_loader`."""
+from minimind.data.cache import TokenCache, load_token_cache
+from minimind.data.jsonl import KINDS, DataError
+from minimind.data.loader import DPOLoader, Loader, PackedPretrainLoader, SequenceLoader
+
+__all__ = ["DataError", "DPOLoader", "KINDS", "Loader", "PackedPretrainLoader", "SequenceLoader", "TokenCache", "build_loader", "load_token_cache"]
+
+
+def build_loader(kind, path, tokenizer, *, max_seq_len, batch_size, seed=42, rank=0, world_size=1, pack=True,
+                 skip_bad_records=False, cache_dir=None, drop_last=True, num_workers=None) -> Loader:
+    """A resumable, shardable loader over `path` (a JSON Lines file of `kind`), building or reusing its token cache.
+
+    kind: "pretrain" | "sft" | "reason" | "dpo". pack: pretrain rows packed full / chat batches length-bucketed
+    (False: MiniMind2's pad-to-max_seq_len). num_workers: tokeniser processes for a cache build (None: one per
+    core for files over 8 MiB, in-process below). Bad records raise DataError "FILE:LINE: ..." unless
+    skip_bad_records (then skipped, counted in stats()["skipped_records"], and warned about).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; choose one of {KINDS}")
+    cache = load_token_cache(path, kind, tokenizer, cache_dir=cache_dir, skip_bad_records=skip_bad_records,
+                             num_workers=num_workers)
+    if kind == "pretrain":
+        cls = PackedPretrainLoader if pack else SequenceLoader
+    else:
+        cls = DPOLoader if kind == "dpo" else SequenceLoader
+    return cls(kind, cache, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, rank=rank,
+               world_size=world_size, pack=pack, drop_last=drop_last)

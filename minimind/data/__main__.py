@@ -1,0 +1,25 @@
+"""Build (or check) a token cache ahead of training: python -m minimind.data --kind sft --data FILE.jsonl"""
+import argparse
+import json
+
+from minimind.data.cache import load_token_cache
+from minimind.tokenizer import load_tokenizer
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Build (or check) the token cache of a JSON Lines file.")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--kind", required=True, choices=("pretrain", "sft", "reason", "dpo"))
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
+    ap.add_argument("--cache_dir", default=None)
+    ap.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: one per core)")
+    ap.add_argument("--skip_bad_records", action="store_true")
+    args = ap.parse_args()
+    cache = load_token_cache(args.data, args.kind, load_tokenizer(args.tokenizer), cache_dir=args.cache_dir,
+                             skip_bad_records=args.skip_bad_records, num_workers=args.workers)
+    print(cache.folder)
+    print(json.dumps({k: v for k, v in cache.meta.items() if k != "errors"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark", "transformers>=4.40", "jinja2"],
+        "dev": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "jinja2",
+                "deepspeed"],  # the DeepSpeed test runs on the CPU accelerator
         "liger": ["liger-kernel"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],

@@ -1,5 +1,5 @@
 """--deepspeed with the shipped ZeRO-1 and ZeRO-2 configs trains on the CPU (DeepSpeed's CPU accelerator, gloo)
-and takes the same steps as the plain engine. Skipped where DeepSpeed is not installed (pip install -e '.[deepspeed]')."""
+and takes the same steps as the plain engine. Skipped where DeepSpeed is not installed (it is in the dev extra)."""
 import importlib.util
 import json
 

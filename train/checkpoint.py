@@ -11,14 +11,15 @@ import numpy as np
 import torch
 
 
-def atomic_save(obj, path):
-    """torch.save(obj) to `path` atomically. Returns the Path."""
+def _atomic_write(path, mode, write):
+    """write(f) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder: a crash at
+    any moment leaves either the old file or the new one, never a torn one. Returns the Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -27,24 +28,16 @@ def atomic_save(obj, path):
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` atomically. Returns the Path."""
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text, path):
     """Write a small text file atomically (same scheme as atomic_save)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+    return _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def _fsync_dir(folder):

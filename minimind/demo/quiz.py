@@ -5,6 +5,9 @@ is right when the true answer scores highest. Chance is 1 / NUM_CANDIDATES. Two 
     text   "<|im_start|>Question: What is 3 plus 4?\\nAnswer:" + " 7"       (how pretraining text asks)
     chat   ChatML user turn, then the answer as the assistant's reply       (how SFT data asks)
 style=None scores both and reports their mean as accuracy (plus each one), so any stage can call it.
+    reason the chat prompt, then the model's own greedy reasoning "<think>\n...\n</think>\n<answer>\n" (cut where
+           it closes </think>), then the answer: for a model trained on the reasoning template, whose replies do
+           not start with the answer. Only the reasoning is generated; the answer is still ranked by likelihood.
 
     python -m minimind.demo.quiz --checkpoint out/full_sft_128.pth --hidden_size 128 --num_hidden_layers 4
 """
@@ -17,7 +20,9 @@ import torch
 from minimind.demo.world import NUM_CANDIDATES, QuizItem, World
 from minimind.tokenizer import render_chat
 
-STYLES = ("text", "chat")
+STYLES = ("text", "chat")  # what style=None scores
+REASON_STYLE = "reason"
+REASON_THINK_TOKENS = 48
 
 
 def load_quiz(data_dir=None, split: str = "held_out") -> List[QuizItem]:
@@ -33,13 +38,28 @@ def load_quiz(data_dir=None, split: str = "held_out") -> List[QuizItem]:
                 for line in f if line.strip()]
 
 
-def _sequences(item: QuizItem, tokenizer, style: str):
-    """(prompt ids, [candidate ids]) for one question."""
+def _sequences(item: QuizItem, tokenizer, style: str, model=None, device="cpu"):
+    """(prompt ids, [candidate ids]) for one question (the reason style generates with `model`)."""
+    if style == REASON_STYLE:
+        return _reasoning_prompt(model, item, tokenizer, device), [tokenizer.encode(a) for a in item.answers]
     if style == "text":
         prompt = [tokenizer.bos_id] + tokenizer.encode(item.text_prompt)
         return prompt, [tokenizer.encode(a) for a in item.text_answers]
     prompt = tokenizer.encode(render_chat([{"role": "user", "content": item.question}])[0])
     return prompt, [tokenizer.encode(a) for a in item.answers]
+
+
+@torch.no_grad()
+def _reasoning_prompt(model, item: QuizItem, tokenizer, device) -> List[int]:
+    """Chat prompt + the model's greedy reasoning up to </think>, closed by the template's "</think>\n<answer>\n"."""
+    from minimind.generate import SamplingConfig, generate
+    prompt = render_chat([{"role": "user", "content": item.question}])[0]
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    new = generate(model, ids, cfg=SamplingConfig(max_new_tokens=REASON_THINK_TOKENS, temperature=0.0),
+                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=False)
+    think = reply.split("</think>")[0].split("<|im_end|>")[0].rstrip("\n")
+    return tokenizer.encode(prompt + think + "\n</think>\n<answer>\n")
 
 
 @torch.no_grad()
@@ -72,17 +92,17 @@ def score_candidates(model, prompts, candidates, device, batch_size=64) -> torch
 def evaluate(model, tokenizer, data_dir=None, device="cpu", style: Optional[str] = None,
              split: str = "held_out") -> dict:
     """Held-out quiz accuracy: {"accuracy", "n", "chance", "<style>_accuracy", "by_category"}.
-    style: "text", "chat" or None (both; accuracy is their mean, n counts both). split="seen" asks about the
-    trained part instead (a memorisation check, not the held-out score)."""
-    if style is not None and style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES} or None, got {style!r}")
+    style: "text", "chat", "reason" or None (text and chat; accuracy is their mean, n counts both). split="seen" asks
+    about the trained part instead (a memorisation check, not the held-out score)."""
+    if style is not None and style not in STYLES + (REASON_STYLE,):
+        raise ValueError(f"style must be one of {STYLES + (REASON_STYLE,)} or None, got {style!r}")
     quiz = load_quiz(data_dir, split)
     was_training = model.training
     model.eval()
     out, right_all, cats = {}, [], {}
     try:
         for st in ([style] if style else STYLES):
-            seqs = [_sequences(item, tokenizer, st) for item in quiz]
+            seqs = [_sequences(item, tokenizer, st, model, device) for item in quiz]
             scores = score_candidates(model, [p for p, _ in seqs], [c for _, c in seqs], device)
             right = (scores.argmax(dim=1) == 0).tolist()  # the true answer is candidate 0
             out[f"{st}_accuracy"] = sum(right) / len(right)
@@ -112,7 +132,7 @@ def main():
     ap.add_argument("--num_key_value_heads", type=int, default=2)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
     ap.add_argument("--data_dir", default=None, help="demo data folder with eval.jsonl (default: generated)")
-    ap.add_argument("--style", choices=STYLES, default=None)
+    ap.add_argument("--style", choices=STYLES + (REASON_STYLE,), default=None)
     ap.add_argument("--split", choices=("held_out", "seen"), default="held_out")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

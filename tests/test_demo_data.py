@@ -9,7 +9,8 @@ import torch
 from minimind.config import MiniMindConfig
 from minimind.data import build_loader
 from minimind.demo import evaluate, write_demo_data
-from minimind.demo.world import World
+from minimind.demo.quiz import reasoning_prompts
+from minimind.demo.world import CITIES, COLOURS, World
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 
@@ -84,3 +85,24 @@ def test_random_model_is_near_chance(demo):
     assert 0.1 <= r["accuracy"] <= 0.45, r  # 80 four-way questions: chance 0.25, standard deviation ~0.05
     assert set(r) >= {"accuracy", "n", "chance", "text_accuracy", "chat_accuracy", "by_category"}
     assert model.training  # evaluate restores the mode
+
+
+def test_candidates_differ_only_in_the_fact():
+    """Every candidate restates the question's canonical fact sentence; only the value differs (no cue but recall)."""
+    value = re.compile("(" + "|".join(name for pair in COLOURS + CITIES for name in pair) + r"|\d+)[.。]$")
+    for item in World().quiz():
+        assert len(set(item.answers)) == len(item.answers) == 4
+        stems = {value.sub("", a) for a in item.answers}
+        assert len(stems) == 1, item.answers
+
+
+def test_reason_style_scores_after_the_models_own_reasoning(demo):
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model, tok = MiniMindForCausalLM(cfg), load_tokenizer()
+    quiz = World().quiz()[:3]
+    for item, ids in zip(quiz, reasoning_prompts(model, quiz, tok, "cpu")):
+        text = tok.decode(ids)
+        assert item.question in text and text.endswith("</think>\n<answer>\n")
+    r = evaluate(model, tok, demo["eval"].parent, style="reason")
+    assert r["n"] == len(World().quiz()) and 0.0 <= r["accuracy"] <= 1.0 and "reason_accuracy" in r

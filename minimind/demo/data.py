@@ -4,7 +4,9 @@
 
 Sizes are small (pretrain is about 0.4M tokens with the bundled tokenizer); generation takes about a second.
 The quiz needs name -> attribute lookups a few tokens back; a tiny model (hidden 128, 4 layers) learns such
-lookups only after a long plateau, so it needs many optimizer steps (small batches), not just many tokens.
+lookups only after a long plateau, so it needs many optimizer steps (small batches of short rows), not just many
+tokens. Hence a small world (12 people) whose facts each recur a few hundred times, in one canonical sentence
+half of the time, with the fact right after the name and verb ("Liyan likes red.").
 Deterministic: the same files on every run (for the same sizes; a larger size gives a longer draw from the same
 world, e.g. the tokenizer's training corpus, --pretrain 40000).
 """

@@ -38,10 +38,8 @@ def load_quiz(data_dir=None, split: str = "held_out") -> List[QuizItem]:
                 for line in f if line.strip()]
 
 
-def _sequences(item: QuizItem, tokenizer, style: str, model=None, device="cpu"):
-    """(prompt ids, [candidate ids]) for one question (the reason style generates with `model`)."""
-    if style == REASON_STYLE:
-        return _reasoning_prompt(model, item, tokenizer, device), [tokenizer.encode(a) for a in item.answers]
+def _sequences(item: QuizItem, tokenizer, style: str):
+    """(prompt ids, [candidate ids]) for one question in the text or chat style."""
     if style == "text":
         prompt = [tokenizer.bos_id] + tokenizer.encode(item.text_prompt)
         return prompt, [tokenizer.encode(a) for a in item.text_answers]
@@ -50,16 +48,19 @@ def _sequences(item: QuizItem, tokenizer, style: str, model=None, device="cpu"):
 
 
 @torch.no_grad()
-def _reasoning_prompt(model, item: QuizItem, tokenizer, device) -> List[int]:
-    """Chat prompt + the model's greedy reasoning up to </think>, closed by the template's "</think>\n<answer>\n"."""
-    from minimind.generate import SamplingConfig, generate
-    prompt = render_chat([{"role": "user", "content": item.question}])[0]
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
-    new = generate(model, ids, cfg=SamplingConfig(max_new_tokens=REASON_THINK_TOKENS, temperature=0.0),
+def reasoning_prompts(model, quiz: List[QuizItem], tokenizer, device) -> List[List[int]]:
+    """For each question: chat prompt + the model's greedy reasoning up to </think> (at most REASON_THINK_TOKENS
+    tokens, one left-padded batch), closed by the template's "</think>\n<answer>\n"."""
+    from minimind.generate import SamplingConfig, generate, left_pad
+    prompts = [render_chat([{"role": "user", "content": item.question}])[0] for item in quiz]
+    ids, mask = left_pad([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
+    new = generate(model, ids, mask, SamplingConfig(max_new_tokens=REASON_THINK_TOKENS, temperature=0.0),
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=False)
-    think = reply.split("</think>")[0].split("<|im_end|>")[0].rstrip("\n")
-    return tokenizer.encode(prompt + think + "\n</think>\n<answer>\n")
+    out = []
+    for prompt, row in zip(prompts, new.tolist()):
+        think = tokenizer.decode(row, skip_special_tokens=False).split("</think>")[0].split("<|im_end|>")[0]
+        out.append(tokenizer.encode(prompt + think.rstrip("\n") + "\n</think>\n<answer>\n"))
+    return out
 
 
 @torch.no_grad()
@@ -102,7 +103,11 @@ def evaluate(model, tokenizer, data_dir=None, device="cpu", style: Optional[str]
     out, right_all, cats = {}, [], {}
     try:
         for st in ([style] if style else STYLES):
-            seqs = [_sequences(item, tokenizer, st, model, device) for item in quiz]
+            if st == REASON_STYLE:
+                seqs = list(zip(reasoning_prompts(model, quiz, tokenizer, device),
+                                [[tokenizer.encode(a) for a in item.answers] for item in quiz]))
+            else:
+                seqs = [_sequences(item, tokenizer, st) for item in quiz]
             scores = score_candidates(model, [p for p, _ in seqs], [c for _, c in seqs], device)
             right = (scores.argmax(dim=1) == 0).tolist()  # the true answer is candidate 0
             out[f"{st}_accuracy"] = sum(right) / len(right)

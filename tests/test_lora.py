@@ -239,6 +239,8 @@ def test_lora_stage_resume_reproduces_the_uninterrupted_adapter(tmp_path):
     whole = lora_stage.main(argv + ["--out_dir", str(tmp_path / "a")])
     first = lora_stage.main(argv + ["--out_dir", str(tmp_path / "b"), "--stop_after", "2"])
     assert first["interrupted"] and first["steps"] == 2
+    # the resume state sits beside its adapter, named after it: two adapters in one out_dir never share one
+    assert first["resume_path"] == str(tmp_path / "b" / "lora" / "lora_identity_64_resume.pt")
     second = lora_stage.main(argv + ["--out_dir", str(tmp_path / "b"), "--from_resume", "1"])
     assert second["steps"] == 4
     a, b = torch.load(whole["weights_path"]), torch.load(second["weights_path"])

@@ -590,8 +590,10 @@ def _train(stage, args, device, dist):
     run = Run(args, config, tokenizer, device, dtype, dist)
     out_dir = run.out_dir
     start_weights = resolve_weights(args.from_weight, out_dir, config)
-    resume_path = out_dir / weight_file_name(args.save_weight, config).replace(
-        ".pth", "_resume_ds" if args.deepspeed else "_resume.pt")
+    weights_path = (stage.weights_path(run) if stage.weights_path
+                    else out_dir / weight_file_name(args.save_weight, config))
+    # the resume state lives beside the weight file it belongs to (so two LoRA adapters never share one)
+    resume_path = weights_path.with_name(weights_path.stem + ("_resume_ds" if args.deepspeed else "_resume.pt"))
     resume_from = _resume_source(args, resume_path)
 
     loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
@@ -670,8 +672,6 @@ def _train(stage, args, device, dist):
     flops_fn = stage.flops_per_token or (lambda m, T: default_flops_per_token(m, T, n_matmul))
     tokens_fn = stage.tokens or default_tokens
     weights_fn = stage.weights or (lambda m, r: fp16_state_dict(m))
-    weights_path = (stage.weights_path(run) if stage.weights_path
-                    else out_dir / weight_file_name(args.save_weight, config))
 
     def save(final=False):
         if dist.is_main:

@@ -55,7 +55,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class Stage:
-    """A training recipe. See /docs in the module docstring of each stage file for an example."""
+    """A training recipe: which data, which loss, which weights to start from and write (train/sft.py is a small
+    example). Every hook is optional; the module docstring says what the engine does with each."""
     name: str
     data_kind: str
     save_prefix: str

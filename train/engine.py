@@ -56,19 +56,22 @@ class ConfigError(ValueError):
 @dataclass
 class Stage:
     """A training recipe: which data, which loss, which weights to start from and write (train/sft.py is a small
-    example). Every hook is optional; the module docstring says what the engine does with each."""
-    name: str
-    data_kind: str
-    save_prefix: str
-    loss: Callable
-    defaults: dict = field(default_factory=dict)
-    add_args: Optional[Callable] = None
-    prepare: Optional[Callable] = None
-    trainable: Optional[Callable] = None
-    weights: Optional[Callable] = None
-    weights_path: Optional[Callable] = None
-    tokens: Optional[Callable] = None
-    flops_per_token: Optional[Callable] = None
+    example). Only name, data_kind, save_prefix and loss are required."""
+    name: str               # log names, {out_dir}/{name}_metrics.jsonl, wandb run name
+    data_kind: str          # minimind.data.build_loader kind: "pretrain" | "sft" | "dpo" | "reason"
+    save_prefix: str        # weight file {out_dir}/{save_prefix}_{hidden}[_moe].pth ("full_sft", "rlhf", ...)
+    loss: Callable          # loss(model, batch, run) -> (mean loss of the micro-batch, {metric: scalar}); run under
+                            # autocast, batch already on the device; call any method of model (DDP still syncs)
+    defaults: dict = field(default_factory=dict)  # argparse defaults of this stage (MiniMind2's recipe table)
+    add_args: Optional[Callable] = None         # add_args(parser): stage-only flags
+    prepare: Optional[Callable] = None          # prepare(model, run) -> model, after --from_weight is loaded and
+                                                # before optimizer / resume / DDP / compile (LoRA wrapping, frozen
+                                                # models into run.extras); runs again on resume, so deterministic
+    trainable: Optional[Callable] = None        # trainable(model) -> parameters to train (default: all)
+    weights: Optional[Callable] = None          # weights(model, run) -> state dict to save (default: fp16 model)
+    weights_path: Optional[Callable] = None     # weights_path(run) -> Path (default from save_prefix)
+    tokens: Optional[Callable] = None           # tokens(batch) -> useful tokens, for tokens/s and MFU
+    flops_per_token: Optional[Callable] = None  # flops_per_token(model, seq_len), for MFU
 
 
 # --------------------------------------------------------------------------------------------------- flags

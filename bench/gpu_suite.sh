@@ -7,10 +7,14 @@
 # Installs nothing. Every part runs under `timeout`, so one failure or hang still leaves the others' results.
 # OUTDIR ends up with at most 8 files (the device tool returns no more): summary.md (printed at the end),
 # env.json, kernels.json, throughput.json, cost.json, compile_report.json and logs.tar.gz (every log and per-part
-# markdown); see bench/results/README.md. Time limits (seconds; sum 460 < 480; worst case with every part
-# killed 5 s after its limit, about 520):
-#   env ~10 | tests 90 | kernels 110 | throughput 230 | cost 15 | summary ~5; the compile report (CPU only)
-#   runs in the background from the start and is waited for at the end (limit 300, inside the others' time).
+# markdown); see bench/results/README.md. The copy of the tree on the GPU machine may have no .git: set
+# BENCH_GIT_COMMIT=<hash> on the command line to name the commit in every result.
+# Time limits in seconds (typical use in brackets): env 10+25 [~10] | tests 80 [~40 with pytest-xdist's 4
+# workers, used when installed] | kernels 100 [~90: no new measurement after 75 s, no torch.compile one with
+# < 25 s of that left] | throughput 210 [~175: none after 160 s, no compiled one with < 60 s of that left] |
+# cost 10 [~2] | summary 20 [~5]. About 5.5 min expected; every part at its limit and killed 5 s after it, 475 s
+# (< 8 min). The compile report (CPU only) runs in the background from the start (limit 300) and is waited for
+# at the end, inside the others' time.
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -29,8 +33,8 @@ if [ "${GPU_SUITE_CPU_SMOKE:-0}" = 1 ]; then
   COMPILE_ARGS="--kernels swiglu --cc 90"
   RUN_TESTS=0
 else
-  KERNELS_ARGS="--budget_s 85"
-  THROUGHPUT_ARGS="--preset all --seq_len 512 1024 --budget_s 190"
+  KERNELS_ARGS="--budget_s 75"
+  THROUGHPUT_ARGS="--preset all --seq_len 512 1024 --budget_s 160"
   COMPILE_ARGS=""
   RUN_TESTS=1
 fi
@@ -50,10 +54,10 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, log to OUT/NAME
 # 1. environment
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+  timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
   git rev-parse --short HEAD 2>/dev/null
 } > "$OUT/env.log"
-timeout 30 "$PY" - > "$OUT/env.json" 2>> "$OUT/env.log" <<'EOF'
+timeout 25 "$PY" - > "$OUT/env.json" 2>> "$OUT/env.log" <<'EOF'
 import importlib.util, json
 from bench import report
 env = report.environment()
@@ -68,26 +72,28 @@ cat "$OUT/env.log" "$OUT/env.json"
   echo "| compile_report | $? | background |" >> "$OUT/parts.txt" ) &
 BG=$!
 
-# 3. parity tests, compiled on the GPU (the kernel test files that exist)
+# 3. parity tests, compiled on the GPU (the kernel test files that exist); cold, each Triton specialisation
+# compiles (~0.3 s each, ~150 of them), so 4 xdist workers share the compiling when pytest-xdist is there
 TESTS=$(ls tests/test_kernels_elementwise.py tests/test_linear_cross_entropy.py tests/test_moe.py \
            tests/test_model_triton.py 2>/dev/null | tr '\n' ' ')
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
 if [ "$RUN_TESTS" = 0 ]; then
   echo "| tests | skipped (CPU smoke) | 0 |" >> "$OUT/parts.txt"
 elif [ -n "$TESTS" ]; then
-  part tests 90 "$PY" -m pytest -v -rfE --durations=10 -p no:cacheprovider --junitxml="$OUT/tests.xml" $TESTS
+  part tests 80 "$PY" -m pytest -v -rfE $XDIST --durations=10 -p no:cacheprovider --junitxml="$OUT/tests.xml" $TESTS
 else
   echo "| tests | no kernel test files found | 0 |" >> "$OUT/parts.txt"
 fi
 
-# 4. kernel microbenchmarks (no new case after 85 s; the JSON is rewritten after every measurement)
-part kernels 110 "$PY" -m bench.kernels --out "$OUT" $KERNELS_ARGS
+# 4. kernel microbenchmarks (no new measurement after 75 s; the JSON is rewritten after every measurement)
+part kernels 100 "$PY" -m bench.kernels --out "$OUT" $KERNELS_ARGS
 
-# 5. training-step throughput (no new measurement after 190 s; order in bench.throughput.plan)
-part throughput 230 "$PY" -m bench.throughput --out "$OUT" $THROUGHPUT_ARGS
+# 5. training-step throughput (no new measurement after 160 s; order in bench.throughput.plan)
+part throughput 210 "$PY" -m bench.throughput --out "$OUT" $THROUGHPUT_ARGS
 
 # 6. cost table from what was measured (published data sizes: the data is not on this machine)
 if [ -f "$OUT/throughput.json" ]; then
-  part cost 15 "$PY" -m bench.cost --throughput "$OUT/throughput.json" --kernels_json "$OUT/kernels.json" --out "$OUT"
+  part cost 10 "$PY" -m bench.cost --throughput "$OUT/throughput.json" --kernels_json "$OUT/kernels.json" --out "$OUT"
 else
   echo "| cost | no throughput.json | 0 |" >> "$OUT/parts.txt"
 fi
@@ -97,7 +103,7 @@ wait "$BG" 2>/dev/null
 # 7. one summary (compact tables; the full ones are in each part's .md), then logs and per-part markdown packed
 # into logs.tar.gz so that at most 8 files remain
 echo "| total | - | $(( $(date +%s) - T0 )) |" >> "$OUT/parts.txt"
-timeout 30 "$PY" -m bench.report "$OUT" > "$OUT/summary.log" 2>&1 || cp "$OUT/summary.log" "$OUT/summary.md"
+timeout 20 "$PY" -m bench.report "$OUT" > "$OUT/summary.log" 2>&1 || cp "$OUT/summary.log" "$OUT/summary.md"
 ( cd "$OUT" || exit
   files=$(ls -- *.log *.xml *.tmp parts.txt kernels.md throughput.md cost.md compile_report.md 2>/dev/null)
   [ -n "$files" ] && tar czf logs.tar.gz --remove-files $files

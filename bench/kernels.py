@@ -57,6 +57,9 @@ OP_VARIANTS["linear_logprobs"] += ("torch_F",)
 OP_VARIANTS["moe"] = ("torch", "grouped_mm", "triton", "liger")
 BACKEND_OP = {op: op for op in OPS}
 BACKEND_OP["moe"] = "moe_experts"
+# a torch_compile variant (Inductor compiles forward and backward, ~5-30 s on a GPU machine) is not started with
+# less of --budget_s left, so that the run ends near its budget instead of being killed by the caller's timeout
+COMPILE_SECONDS_NEEDED = 25
 
 
 @dataclass
@@ -186,9 +189,10 @@ def moe_grouped_mm(x, topk_idx, topk_weight, w_gate, w_up, w_down):
     grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
     N, K = topk_idx.shape
     E = w_gate.shape[0]
-    flat = topk_idx.reshape(-1)
-    order = flat.argsort(stable=True)
-    offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    sorted_ids, order = topk_idx.reshape(-1).sort(stable=True)
+    # offs[e] = rows with expert id <= e; searchsorted keeps it on the device (bincount reads the max back: a sync)
+    offs = torch.searchsorted(sorted_ids, torch.arange(1, E + 1, device=sorted_ids.device,
+                                                       dtype=sorted_ids.dtype)).to(torch.int32)
     dt = x.dtype
     xs = x[order // K]
     gate = grouped_mm(xs, w_gate.to(dt).transpose(-2, -1), offs=offs)
@@ -357,8 +361,9 @@ class Bench:
                    "dtype": str(self.act_dtype).replace("torch.", ""),
                    "bytes_fwd": case.bytes_fwd, "bytes_fwdbwd": case.bytes_fwdbwd,
                    "flops_fwd": case.flops_fwd, "flops_fwdbwd": case.flops_fwdbwd}
-            if self.deadline and time.monotonic() > self.deadline:
-                row.update(status="skipped", reason="time budget (--budget_s) spent")
+            left = self.deadline - time.monotonic() if self.deadline else None
+            if left is not None and (left <= 0 or (variant == "torch_compile" and left < COMPILE_SECONDS_NEEDED)):
+                row.update(status="skipped", reason=f"time budget: {max(left, 0):.0f} s of --budget_s left")
             else:
                 try:
                     row.update(self.measure(case, variant, ref_outs, ref_grads, grads_out))
@@ -371,11 +376,11 @@ class Bench:
                     row.update(status="oom", reason=str(e)[:300])
                 except Exception as e:
                     row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
             self.results.append(row)
             print(f"  {case.op:22s} {case.shape:28s} {variant:14s} {_short(row)}", flush=True)
             self.save()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # raises after a sticky CUDA error: the row saying why is saved first
 
     def measure(self, case, variant, ref_outs, ref_grads, grads_out):
         dev = self.device
@@ -567,7 +572,9 @@ def main(argv=None):
     p.add_argument("--variants", nargs="*", default=None, help=f"subset of {VARIANTS} (default: all that apply)")
     p.add_argument("--out", default=None, help="folder for kernels.json and kernels.md")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (fp32), labelled CPU")
-    p.add_argument("--budget_s", type=float, default=None, help="stop measuring new cases after this many seconds")
+    p.add_argument("--budget_s", type=float, default=None,
+                   help="start no new measurement after this many seconds (no torch_compile one with less than "
+                        f"{COMPILE_SECONDS_NEEDED} s of it left)")
     p.add_argument("--warmup_ms", type=float, default=25)
     p.add_argument("--rep_ms", type=float, default=100)
     args = p.parse_args(argv)

@@ -44,6 +44,11 @@ def environment(label=None):
 
 
 def _git_commit():
+    """The short commit (+dirty) of this checkout; else $BENCH_GIT_COMMIT (a copied tree may have no .git)."""
+    return _git_describe() or os.environ.get("BENCH_GIT_COMMIT") or None
+
+
+def _git_describe():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

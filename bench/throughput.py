@@ -14,10 +14,11 @@ Variants (same step, configured differently):
                     MiniMind2, no attention mask: pads sit after the text, so causal attention keeps them out).
                     It keeps the engine's fused AdamW (MiniMind2's default AdamW is slower): speedups understate.
     torch           torch kernels, bf16 autocast, packed rows (no padding)
-    torch+compile   the same under torch.compile (as the engine's --compile)
+    torch+compile   the same with every decoder block under torch.compile (engine.compile_blocks, the engine's
+                    --compile)
     liger           the liger backend (when liger-kernel is installed), bf16, packed
     triton          our Triton kernels, bf16, packed
-    triton+compile  the same under torch.compile
+    triton+compile  the same with compiled blocks
 
 Padding (minimind2 only): row lengths are drawn uniformly with mean (1 - pad_fraction) * seq_len (--pad_fraction,
 default 0.5: MiniMind's pretrain_hq keeps texts under 512 characters, about 1.23 characters per token with its
@@ -131,8 +132,9 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay,
                                            **({"fused": True} if device.type == "cuda" else {}))
         self.scaler = engine.grad_scaler(device) if self.dtype == torch.float16 else None
-        compiled = torch.compile(self.model) if variant.compile else self.model
-        self.step_module = engine.StageStep(compiled, pretrain.lm_loss, self.run)
+        if variant.compile:
+            engine.compile_blocks(self.model)  # exactly the engine's --compile
+        self.step_module = engine.StageStep(self.model, pretrain.lm_loss, self.run)
         self.grad_clip, self.lr = grad_clip, lr
         self.flops_per_token = engine.default_flops_per_token
 
@@ -150,6 +152,10 @@ def _sync(device):
 
 def measure(cfg, variant, device, batch_size, seq_len, pad_fraction, warmup, repeats, peak_flops):
     """Time the step; returns the result fields of one (preset, seq_len, variant) row."""
+    if variant.compile:
+        # a fresh Dynamo per compiled row: otherwise another preset or length recompiles the blocks' forward with
+        # dynamic shapes (automatic dynamic), and past the recompile limit Dynamo silently runs them eagerly
+        torch._dynamo.reset()
     step = TrainStep(cfg, variant, device)
     batch, useful = make_batch(cfg, batch_size, seq_len, variant.padded, pad_fraction)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -211,7 +211,8 @@ def cases(kernels=None):
 
 
 def _ast_source(case):
-    """An ASTSource for the case. Triton 3.x takes constexprs keyed by name (newer) or by index tuple; try both."""
+    """An ASTSource for the case: signature and constexprs keyed by argument name, attrs by (index,) (the form
+    triton 3.6 through 3.9 take)."""
     from triton.compiler import ASTSource
     names = list(case.fn.arg_names)
     missing = [n for n in names if n not in case.types and n not in case.constexprs]
@@ -222,11 +223,7 @@ def _ast_source(case):
     aligned = [i for i, n in enumerate(names)
                if n in case.types and (case.types[n].startswith("*") or n in case.divisible_by_16)]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    try:
-        return ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs), attrs=attrs)
-    except (AssertionError, TypeError, KeyError):
-        by_index = {(names.index(n),): v for n, v in case.constexprs.items()}
-        return ASTSource(fn=case.fn, signature=signature, constexprs=by_index, attrs=attrs)
+    return ASTSource(fn=case.fn, signature=signature, constexprs=dict(case.constexprs), attrs=attrs)
 
 
 def compile_case(case, cc):

@@ -30,8 +30,9 @@ def add_rms_norm(x, residual, weight, eps=1e-5):
 
 
 def rope(q, k, cos, sin, offset=0):
-    T = q.shape[1]
-    qo, ko = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos[offset:offset + T], sin[offset:offset + T])
+    T = q.shape[1]  # tables as (1, T, D), broadcast over the batch: the form every liger version takes
+    cos, sin = cos[None, offset:offset + T], sin[None, offset:offset + T]
+    qo, ko = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     return qo.transpose(1, 2), ko.transpose(1, 2)
 
 

@@ -67,10 +67,25 @@ def test_kernels_grouped_mm_moe_matches_the_loop():
     x = torch.randn(N, H, generator=g)
     w = [torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, I, H, generator=g) * 0.1,
          torch.randn(E, H, I, generator=g) * 0.1]
-    topk_weight, topk_idx = torch.randn(N, E, generator=g).softmax(-1).topk(K, dim=-1)
-    got = kernels.moe_grouped_mm(x, topk_idx, topk_weight, *w)
-    want = reference.moe_experts(x.double(), topk_idx, topk_weight.double(), *(t.double() for t in w))
-    assert ((got.double() - want).norm() / want.norm()) < 1e-5  # fp32 vs fp64
+    scores = torch.randn(N, E, generator=g)
+    for idle in (None, 2):  # then with expert 2 chosen by no token: an empty group between two others
+        if idle is not None:
+            scores[:, idle] = float("-inf")
+        topk_weight, topk_idx = scores.softmax(-1).topk(K, dim=-1)
+        got = kernels.moe_grouped_mm(x, topk_idx, topk_weight, *w)
+        want = reference.moe_experts(x.double(), topk_idx, topk_weight.double(), *(t.double() for t in w))
+        assert ((got.double() - want).norm() / want.norm()) < 1e-5  # fp32 vs fp64
+
+
+def test_kernels_budget_starts_no_compile_it_cannot_finish(tmp_path):
+    """With less of --budget_s left than a torch.compile needs, the eager variant runs and the compiled one is
+    recorded as skipped (so a suite run ends near its budget instead of at the caller's timeout)."""
+    budget = kernels.COMPILE_SECONDS_NEEDED / 2
+    assert kernels.main(["--cpu-smoke", "--op", "swiglu", "--variants", "torch", "torch_compile", "--budget_s",
+                         str(budget), "--warmup_ms", "1", "--rep_ms", "1", "--out", str(tmp_path)]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "kernels.json").read_text())["results"]}
+    assert rows["torch"]["status"] == "ok"
+    assert rows["torch_compile"]["status"] == "skipped" and "budget" in rows["torch_compile"]["reason"]
 
 
 def test_throughput_padding_and_plan():

@@ -319,3 +319,42 @@ def test_liger_backend_matches_reference(dtype):
         for a, b in zip(grads, grads32):
             if b is not None:
                 assert_close(a, b, tol, f"liger {name} gradient")
+
+
+def test_liger_adapters_under_the_interpreter():
+    """The liger adapters with the most logic of their own (rope's table layout and offset; the loss's ignore_index,
+    token weights, z-loss and log-probs) against the reference, forward and backward. liger's own kernels run under
+    Triton's interpreter on CPU tensors for these ops (not for its norm and SwiGLU kernels), so this runs in CI."""
+    pytest.importorskip("liger_kernel")
+    if DEVICE != "cpu":
+        pytest.skip("test_liger_backend_matches_reference covers every op on a GPU")
+    from kernels import liger_ops, reference
+    g = gen(11)
+    q, k = randn((2, 12, 4, 32), g), randn((2, 12, 2, 32), g)
+    cos, sin = rope_tables(32, 20)
+    hidden, weight = randn((48, 64), g), randn((300, 64), g, scale=0.2)
+    labels = torch.randint(0, 300, (48,), generator=g)
+    labels[:5] = -100
+    token_weights = torch.rand(48, generator=g) + 0.5
+    cases = {
+        "rope": (lambda ops, a: ops.rope(a[0].clone(), a[1].clone(), cos, sin, 3), 0),
+        "linear_cross_entropy": (lambda ops, a: ops.linear_cross_entropy(
+            a[2], a[3], labels, token_weights=token_weights, z_loss=1e-3), 2),
+        "sum": (lambda ops, a: ops.linear_cross_entropy(a[2], a[3], labels, reduction="sum"), 2),
+        "linear_logprobs": (lambda ops, a: ops.linear_logprobs(a[2], a[3], labels), 2),
+    }
+    inputs = (q, k, hidden, weight)
+    for name, (run, first) in cases.items():
+        used = inputs[first:first + 2]
+        out = run(liger_ops, inputs)
+        out = out if isinstance(out, tuple) else (out,)
+        ups = tuple(t.detach().double().requires_grad_() for t in inputs)
+        expected = run(reference, ups)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for i, (a, b) in enumerate(zip(out, expected)):
+            assert_close(a, b, 1e-5, f"liger {name} output {i}")  # fp32 against fp64
+        dys = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in expected]
+        grads = torch.autograd.grad(out, used, [d.float() for d in dys])
+        want = torch.autograd.grad(expected, ups[first:first + 2], dys)
+        for a, b in zip(grads, want):
+            assert_close(a, b, 1e-5, f"liger {name} gradient")

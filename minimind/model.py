@@ -77,12 +77,13 @@ class Attention(nn.Module):
         q, k = self.ops.rope(q, k, cos, sin, offset)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        if self.attn_impl == "flash" and mask is None and offset == 0:
+        if (self.attn_impl == "flash" and mask is None and offset == 0 and q.is_cuda
+                and q.dtype in (torch.float16, torch.bfloat16)):  # flash-attn: CUDA, half precision only
             from flash_attn import flash_attn_func
             out = flash_attn_func(q, k, v, causal=True)
         else:
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            causal = mask is None and offset == 0 and T > 1
+            causal = mask is None and offset == 0  # (also right for T = 1; a plain bool when T is symbolic)
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
         return self.o_proj(out.reshape(B, T, -1)), (k, v)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
+from train import engine
 from train.losses import chunked_distill_loss, full_logits_distill_loss
 
 
@@ -125,6 +126,9 @@ def test_distill_stage_moves_the_student_towards_the_teacher(tmp_path, kernels):
     except NotImplementedError as e:
         pytest.skip(f"triton backend incomplete: {e}")
     assert result["weights_path"].endswith("full_dist_64.pth")
+    # MFU: the student's forward + backward and the teacher's forward (d_attn = 8 heads x 12 = 96), per token
+    n_s, n_t = engine.matmul_params(result["model"]), engine.matmul_params(teacher)
+    assert result["flops_per_token"] == (6 * n_s + 12 * 2 * 64 * seq) + (2 * n_t + 4 * 3 * 96 * seq)
     trained = result["model"].eval()
     trained.set_kernels("torch")  # evaluate on the reference ops (faster than the interpreter)
     batch = next(iter(build_loader("sft", data["sft"], tok, max_seq_len=seq, batch_size=bs)))

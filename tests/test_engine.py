@@ -39,6 +39,38 @@ def test_flops_per_token_counts_matmuls_and_attention(use_moe):
     n = L * (attn + mlp) + V * H  # + lm_head (tied with the embedding, which is a lookup, not a matmul)
     assert engine.matmul_params(model) == n
     assert engine.default_flops_per_token(model, 128) == 6 * n + 12 * L * H * 128
+    assert engine.forward_flops_per_token(model, 128) == 2 * n + 4 * L * H * 128  # a frozen model's forward
+
+
+def test_run_flops_add_one_forward_of_each_frozen_model():
+    """Trained model: the stage's count (LoRA's here) or 6N + 12LdT; each model registered with add_frozen:
+    2N + 4LdT; anything else in run.extras counts nothing."""
+    from minimind.lora import apply_lora
+    from train import lora
+    from train.distributed import Dist
+
+    def cfg(hidden, layers, heads):
+        return MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                              num_key_value_heads=2, vocab_size=500)
+    student, teacher, other = (MiniMindForCausalLM(cfg(64, 2, 4)), MiniMindForCausalLM(cfg(96, 3, 8)),
+                               MiniMindForCausalLM(cfg(32, 1, 2)))
+    run = engine.Run(types.SimpleNamespace(out_dir="out", compile=False), student.config, None,
+                     torch.device("cpu"), torch.float32, Dist())
+    n_s, n_t, n_o = (engine.matmul_params(m) for m in (student, teacher, other))
+    T = 100
+    assert engine.run_flops_per_token(pretrain.STAGE, student, run)(T) == 6 * n_s + 12 * 2 * 64 * T
+    assert run.add_frozen("teacher", teacher) is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    run.extras["cache"] = {"not": "a model"}
+    run.add_frozen("other", other)
+    assert run.frozen_models() == [teacher, other]
+    # teacher: d_attn = 8 heads x 12 = 96; other: 2 heads x 16 = 32
+    want = 6 * n_s + 12 * 2 * 64 * T + (2 * n_t + 4 * 3 * 96 * T) + (2 * n_o + 4 * 1 * 32 * T)
+    assert engine.run_flops_per_token(pretrain.STAGE, student, run)(T) == want
+    del run.extras["other"]
+    apply_lora(student, 4, None, "square", generator=torch.Generator().manual_seed(0))
+    assert engine.run_flops_per_token(lora.STAGE, student, run)(T) == \
+        lora.flops_per_token(student, T) + 2 * n_t + 4 * 3 * 96 * T
 
 
 def test_peak_flops_is_unknown_on_cpu_unless_given():

@@ -18,15 +18,28 @@ Learning rate at step s of S (MiniMind2's cosine, plus the warmup MiniMind2 decl
 
     cosine(s) = lr/10 + 0.5 * lr * (1 + cos(pi * s / S));  lr(s) = cosine(s) * min(1, (s + 1) / warmup_iters)
 
-Model FLOPs utilisation, per token of a micro-batch of sequence length T (PaLM's convention, forward + backward):
+Model FLOPs utilisation, per useful token of a micro-batch of sequence length T (PaLM's convention):
 
-    flops/token = 6 * N_matmul + 12 * L * d_attn * T
+    flops/token = 6 * N_matmul + 12 * L * d_attn * T                   the trained model, forward + backward
+                + sum over frozen models F of (2 * N_F + 4 * L_F * d_F * T)          one forward each
 
 N_matmul counts the weights of every matrix multiply a token goes through (attention and MLP projections, the
 lm_head; for MoE the shared experts and k of the E routed experts); the embedding lookup is not a matmul.
 12 * L * d_attn * T is QK^T and AV (2 * 2 * T * d_attn per layer forward, x3 with the backward), d_attn =
-heads * head_dim. MFU = achieved flops/s / (processes * peak dense bf16 tensor flops/s of one device), counting
-only useful (non-pad) tokens, so padding shows up as lost MFU.
+heads * head_dim. The frozen models F (L_F layers, d_F = its d_attn) are the ones a stage registers with
+run.add_frozen (DPO's live reference, the distillation teacher): each runs one forward, no backward, over the same
+tokens, a third of the training count.
+DPO with --precompute_ref has none while training (its one pass over the data before training is not counted).
+A stage may count its trained model its own way (Stage.flops_per_token): LoRA counts 4N for the frozen base
+matrices (forward and the gradient of their input, no weight gradient) and 6N for the adapters, where PaLM would
+count 6N for every weight. MFU = achieved flops/s / (processes * peak dense bf16 tensor flops/s of one device),
+counting only useful (non-pad) tokens, so padding shows up as lost MFU.
+
+--compile compiles every decoder block in place (`compile_blocks`: nn.Module.compile per block, so state-dict keys
+do not change) of the trained model, after the stage's prepare (LoRA adapters are inside the blocks by then), and
+of every frozen model (run.add_frozen). Whatever a stage calls (forward, token_logprobs, model.model), the blocks
+run compiled; the embedding, the final norm and the loss head stay eager (on the triton backend the head is one
+fused kernel anyway). Not with DeepSpeed.
 """
 import argparse
 import contextlib
@@ -45,8 +58,9 @@ import torch.nn as nn
 
 from minimind.config import PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
+from minimind.weights import config_path
 from train import distributed
-from train.checkpoint import atomic_save, fp16_state_dict, rng_state, set_rng_state
+from train.checkpoint import atomic_save, atomic_write_text, fp16_state_dict, rng_state, set_rng_state
 
 
 class ConfigError(ValueError):
@@ -65,13 +79,15 @@ class Stage:
     defaults: dict = field(default_factory=dict)  # argparse defaults of this stage (MiniMind2's recipe table)
     add_args: Optional[Callable] = None         # add_args(parser): stage-only flags
     prepare: Optional[Callable] = None          # prepare(model, run) -> model, after --from_weight is loaded and
-                                                # before optimizer / resume / DDP / compile (LoRA wrapping, frozen
-                                                # models into run.extras); runs again on resume, so deterministic
+                                                # before optimizer / resume / DDP / compile (LoRA wrapping; frozen
+                                                # models via run.add_frozen, which compiles them under --compile
+                                                # and counts them in MFU); runs again on resume, so deterministic
     trainable: Optional[Callable] = None        # trainable(model) -> parameters to train (default: all)
     weights: Optional[Callable] = None          # weights(model, run) -> state dict to save (default: fp16 model)
     weights_path: Optional[Callable] = None     # weights_path(run) -> Path (default from save_prefix)
     tokens: Optional[Callable] = None           # tokens(batch) -> useful tokens, for tokens/s and MFU
-    flops_per_token: Optional[Callable] = None  # flops_per_token(model, seq_len), for MFU
+    flops_per_token: Optional[Callable] = None  # flops_per_token(model, seq_len): the trained model's forward +
+                                                # backward, for MFU (default 6N + 12LdT); frozen models are added
 
 
 # --------------------------------------------------------------------------------------------------- flags
@@ -133,7 +149,8 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
                    help="op backend (default triton on CUDA, torch on CPU)")
     o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"))
-    o.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder block of the trained and the frozen models")
     o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
     o.add_argument("--seed", type=int, default=42)
     o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
@@ -243,6 +260,19 @@ class Run:
         if self.is_main:
             (self._bar.write if self._bar is not None else print)(msg)
 
+    def add_frozen(self, name, model):
+        """Register a model the loss runs without training it (a DPO reference, a teacher): eval mode, no
+        gradients, blocks compiled under --compile, counted in MFU as one forward per token; run.extras[name]."""
+        model.eval().requires_grad_(False)
+        if self.args.compile:
+            compile_blocks(model)
+        self.extras[name] = model
+        return model
+
+    def frozen_models(self):
+        """The models in run.extras (registered there by add_frozen): the ones MFU counts one forward of."""
+        return [m for m in self.extras.values() if isinstance(m, nn.Module)]
+
     def build_model(self, config=None, weights=None, kernels=None):
         """A MiniMindForCausalLM on this run's device (fp32 params); weights: None | stage prefix | path."""
         config = config or self.config
@@ -313,6 +343,39 @@ def default_flops_per_token(model, seq_len, n_matmul=None):
     cfg = model.config
     n_matmul = matmul_params(model) if n_matmul is None else n_matmul
     return 6 * n_matmul + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def forward_flops_per_token(model, seq_len, n_matmul=None):
+    """2 * N_matmul + 4 * L * d_attn * T: one forward of a frozen model, a third of default_flops_per_token."""
+    cfg = model.config
+    n_matmul = matmul_params(model) if n_matmul is None else n_matmul
+    return 2 * n_matmul + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def run_flops_per_token(stage, model, run):
+    """T -> flops per useful token of one micro-batch of length T (see the module docstring): the trained model's
+    forward + backward (stage.flops_per_token or the default) plus one forward of each of run.frozen_models()."""
+    n_matmul = matmul_params(model)
+    trained = stage.flops_per_token or (lambda m, T: default_flops_per_token(m, T, n_matmul))
+    frozen = [(m, matmul_params(m)) for m in run.frozen_models()]
+    return lambda T: trained(model, T) + sum(forward_flops_per_token(m, T, n) for m, n in frozen)
+
+
+# Every compiled block of every model shares one code object (DecoderLayer.forward) and so one cache of compiled
+# variants: training / no-grad x first layer (no pending residual) / the others x fixed / dynamic length x model
+# width. torch's default limit of 8 would send a DPO or distillation run back to eager part way through.
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(model, **compile_kwargs):
+    """torch.compile each decoder block of a MiniMindForCausalLM in place (nn.Module.compile; compile_kwargs go to
+    torch.compile), so every entry point (forward, token_logprobs, model.model) runs compiled blocks and the
+    state-dict keys stay as they are. Returns model."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    for block in model.model.layers:
+        block.compile(**compile_kwargs)
+    return model
 
 
 def default_tokens(batch) -> int:
@@ -499,7 +562,8 @@ def main(stage: Stage, argv=None) -> dict:
 
 
 def train(stage: Stage, args) -> dict:
-    """Train with parsed flags; returns the result dict (see the stage files)."""
+    """Train with parsed flags; returns the result dict (see the stage files; flops_per_token: the MFU count of a
+    token at --max_seq_len)."""
     device = _check_args(args, stage)
     dist = distributed.init(device.type, need_group=bool(args.deepspeed))
     set_local_rank = args.deepspeed and "LOCAL_RANK" not in os.environ  # DeepSpeed insists on it
@@ -635,8 +699,9 @@ def _train(stage, args, device, dist):
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
-    compiled = torch.compile(model) if args.compile else model
-    step_module = StageStep(compiled, stage.loss, run)
+    if args.compile:
+        compile_blocks(model)  # after prepare, so LoRA adapters are in the blocks (run.add_frozen did the others)
+    step_module = StageStep(model, stage.loss, run)
     ds_engine = ddp = None
     if args.deepspeed:
         from train import deepspeed_setup
@@ -672,14 +737,15 @@ def _train(stage, args, device, dist):
         metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
     metrics_log = MetricsLog(metrics_path, args, stage.name, dist.is_main)
     peak = peak_flops(device, args.peak_tflops)
-    n_matmul = matmul_params(model)
-    flops_fn = stage.flops_per_token or (lambda m, T: default_flops_per_token(m, T, n_matmul))
+    flops_fn = run_flops_per_token(stage, model, run)
     tokens_fn = stage.tokens or default_tokens
     weights_fn = stage.weights or (lambda m, r: fp16_state_dict(m))
 
     def save(final=False):
         if dist.is_main:
             atomic_save(weights_fn(model, run), weights_path)
+            # MiniMind2's weight file is a bare state dict; the model's shape goes beside it (minimind.weights)
+            atomic_write_text(json.dumps(config.to_dict(), indent=1) + "\n", config_path(weights_path))
         resume_state = dict(format="minimind-triton-resume/1", stage=stage.name, step=step, epoch=epoch,
                             epoch_batches=epoch_batches, tokens=tokens_total, loader=loader.state_dict(),
                             rng=rng_state(), config=config.to_dict(), world_size=W, finished=final,
@@ -711,7 +777,7 @@ def _train(stage, args, device, dist):
                     batch = next(it)
                     n_tok = tokens_fn(batch)
                     window["tokens"] += n_tok
-                    window["flops"] += n_tok * flops_fn(model, _seq_len(batch))
+                    window["flops"] += n_tok * flops_fn(_seq_len(batch))
                     tokens_total += n_tok * W
                     micro_batches.append(_to_device(batch, device))
                 loss_mean, metric_sums, grad_norm = train_step(wrapped, micro_batches, optimizer, trainable, lr,
@@ -756,5 +822,5 @@ def _train(stage, args, device, dist):
         run.log(f"stopped at step {step}; resume with --from_resume 1 (state in {resume_path})")
     return dict(stage=stage.name, weights_path=str(weights_path), resume_path=str(resume_path),
                 metrics_path=str(metrics_log.path), steps=step, total_steps=total_steps, final_loss=loss_val,
-                losses=losses, tokens=tokens_total, seconds=seconds,
+                losses=losses, tokens=tokens_total, seconds=seconds, flops_per_token=flops_fn(args.max_seq_len),
                 tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0, interrupted=interrupted, model=model)

@@ -19,12 +19,12 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "jinja2",
-                "deepspeed"],  # the DeepSpeed test runs on the CPU accelerator
+        "dev": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "safetensors", "jinja2",
+                "deepspeed",  # the DeepSpeed test runs on the CPU accelerator
+                "liger-kernel"],  # its adapters are tested under Triton's interpreter where its kernels allow
         "liger": ["liger-kernel"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
-        "serve": ["fastapi", "uvicorn", "streamlit"],
         "hf": ["transformers>=4.40", "safetensors"],
     },
 )

@@ -10,7 +10,8 @@ depends only on relative positions, so a padded row decodes exactly as it would 
 
     generate(model, input_ids, max_new_tokens=..., temperature=..., top_p=..., top_k=...) -> (B, new) ids
     stream(model, input_ids, ...)                  yields one (B,) tensor of token ids per step
-    stream_chat(model, tokenizer, messages, ...)   yields text pieces as they become valid UTF-8
+    stream_text(model, tokenizer, prompt_ids, ...) yields text pieces as they become valid UTF-8
+    stream_chat(model, tokenizer, messages, ...)   the same for the assistant's reply to a conversation
     chat(model, tokenizer, messages, ...) -> str   the assistant's reply
 """
 from dataclasses import dataclass, replace
@@ -145,18 +146,20 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
-def stream_chat(model, tokenizer, messages, cfg: Optional[SamplingConfig] = None, generator=None, **kw):
-    """Yield the assistant's reply to `messages` (ChatML via tokenizer.apply_chat_template) piece by piece.
-    A piece is yielded once its bytes decode to whole characters (byte-level BPE splits some characters)."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=_device_of(model))
+def stream_text(model, tokenizer, prompt_ids, cfg: Optional[SamplingConfig] = None, generator=None,
+                info: Optional[dict] = None, **kw):
+    """Yield the text that follows `prompt_ids` (a list of ids) piece by piece, stopping at eos. A piece is yielded
+    once its bytes decode to whole characters (byte-level BPE splits some characters). If `info` is a dict, it
+    receives prompt_tokens, completion_tokens (eos excluded) and finish_reason ("stop" at eos, else "length")."""
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=_device_of(model))
     kw.setdefault("eos_token_id", tokenizer.eos_id)
     kw.setdefault("pad_token_id", tokenizer.pad_id)
     eos = kw["eos_token_id"]
-    reply, shown = [], ""
+    reply, shown, finish = [], "", "length"
     for tok in stream(model, ids, None, cfg, generator, **kw):
         t = int(tok[0])
         if t == eos:
+            finish = "stop"
             break
         reply.append(t)
         text = tokenizer.decode(reply, skip_special_tokens=True)
@@ -164,8 +167,18 @@ def stream_chat(model, tokenizer, messages, cfg: Optional[SamplingConfig] = None
             yield text[len(shown):]
             shown = text
     text = tokenizer.decode(reply, skip_special_tokens=True)
+    if info is not None:
+        info.update(prompt_tokens=ids.shape[1], completion_tokens=len(reply), finish_reason=finish)
     if len(text) > len(shown):
         yield text[len(shown):]
+
+
+def stream_chat(model, tokenizer, messages, cfg: Optional[SamplingConfig] = None, generator=None,
+                info: Optional[dict] = None, **kw):
+    """Yield the assistant's reply to `messages` (ChatML via tokenizer.apply_chat_template) piece by piece; see
+    `stream_text`."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    yield from stream_text(model, tokenizer, tokenizer.encode(prompt), cfg, generator, info, **kw)
 
 
 def chat(model, tokenizer, messages, cfg: Optional[SamplingConfig] = None, generator=None, **kw) -> str:

@@ -99,3 +99,18 @@ def test_reason_demo_data_has_template_tags(demo_data):  # noqa: F811
     _, is_tag = reason.template_weights(batch["labels"], reason.tag_token_ids(tok), 10.0)
     tag_tokens = sum(len(ids) for ids in reason.tag_token_ids(tok))
     assert int(is_tag.sum()) == 4 * tag_tokens
+
+
+def test_a_trained_weight_file_opens_by_itself(demo_data, tmp_path):  # noqa: F811
+    """Every stage writes its config beside the weights, so minimind.weights.load_model (chat, serve, export) opens
+    the file without being told the shape: here 4 heads, which the tensors alone cannot show."""
+    from minimind.weights import config_path, load_model
+    result = sft.main(tiny_flags(tmp_path, demo_data["sft"], steps=1, extra=["--from_weight", "none"]))
+    path = result["weights_path"]
+    assert config_path(path).is_file()
+    loaded = load_model(path)
+    assert loaded.config == result["model"].config and loaded.config.num_attention_heads == 4
+    trained = _model_from(path, result["model"]).eval()
+    ids = torch.randint(0, loaded.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=0, atol=0)

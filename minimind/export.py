@@ -1,0 +1,116 @@
+"""Export a dense model to a Hugging Face Transformers folder (`LlamaForCausalLM`).
+
+    python -m minimind.export full_sft --out hf/MiniMind2-Small          # out/full_sft_<hidden>.pth
+    python -m minimind.export out/full_sft_512.pth --lora out/lora/lora_medical_512.pth --out hf/medical
+
+MiniMind2's dense model is a Llama: pre-norm RMSNorm, rotate-half RoPE, grouped-query attention without biases,
+SwiGLU MLP, tied embeddings, and the same key names. So export is a config plus the tensors, unchanged:
+
+    config.json             LlamaForCausalLM, vocab/hidden/intermediate/layers/heads/kv heads, rope_theta,
+                            rms_norm_eps, tie_word_embeddings, bos 1 / eos 2 / pad 0
+    model.safetensors       model.* tensors (lm_head is tied to model.embed_tokens, so it is not stored twice)
+    tokenizer.json, tokenizer_config.json    the tokenizer and MiniMind2's chat template
+    generation_config.json  eos <|im_end|>, the sampling defaults of minimind.generate
+
+The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`, and is what
+vLLM, llama.cpp's convert_hf_to_gguf.py and Ollama take. The MoE model (a shared expert added unweighted beside
+the routed ones) has no Transformers class that computes the same thing, so it is refused rather than exported
+approximately; its .pth stays usable by minimind.chat and minimind.serve.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from minimind.generate import SamplingConfig
+from minimind.tokenizer import load_tokenizer
+from minimind.weights import find_weights, load_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def llama_config(cfg, dtype: torch.dtype) -> dict:
+    if cfg.use_moe:
+        raise ValueError("MoE models have no LlamaForCausalLM equivalent (MiniMind2's shared expert is added "
+                         "unweighted); only dense models export")
+    if cfg.rope_scaling:
+        raise ValueError("a model with rope_scaling (YaRN) set does not export; YaRN is an inference-time option")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def export(weights, out_dir, lora=None, tokenizer=None, dtype="bf16", num_attention_heads=None) -> Path:
+    """Write the Hugging Face folder for a weight file (+ optional LoRA adapter, merged). Returns the folder."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("export writes safetensors: pip install safetensors (or -e '.[hf]')") from None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = load_model(weights, lora=lora, num_attention_heads=num_attention_heads)
+    config = llama_config(model.config, DTYPES[dtype])
+    tok = load_tokenizer(tokenizer)
+    if len(tok) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but {weights} only {model.config.vocab_size}; "
+                         f"pass the tokenizer it was trained with")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    s = SamplingConfig()
+    generation = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
+                  "pad_token_id": model.config.pad_token_id, "do_sample": True, "temperature": s.temperature,
+                  "top_p": s.top_p}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tok.save(out)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minimind.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", help="a weight file, or a stage prefix looked up in --out_dir")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--lora", default=None, help="a LoRA adapter file to merge in first")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--num_attention_heads", type=int, default=None,
+                   help="only for a weight file without its .json config (then default 8, as in MiniMind2)")
+    args = p.parse_args(argv)
+    try:
+        path = find_weights(args.weights, args.out_dir)
+        out = export(path, args.out, args.lora, args.tokenizer, args.dtype, args.num_attention_heads)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        p.error(str(e))
+    print(f"wrote {out}/ from {path}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    main()

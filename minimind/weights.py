@@ -1,0 +1,141 @@
+"""Open a trained model from its weight file alone: the shape is read off the state dict.
+
+A MiniMind2 weight file (`out/full_sft_512.pth`: fp16, MiniMind2 key names) carries no config, but every shape
+except the number of query heads shows in it:
+
+    vocab V, hidden H    model.embed_tokens.weight                        (V, H)
+    layers               1 + the largest i in model.layers.{i}.*
+    kv heads             model.layers.0.self_attn.k_proj.weight           (kv_heads * H / heads, H)
+    intermediate I       model.layers.0.mlp.gate_proj.weight              (I, H)
+    MoE                  model.layers.0.mlp.gate.weight (E, H); mlp.experts.{e}.*, mlp.shared_experts.{s}.*
+
+The trainer also writes the full config beside each weight file (`out/full_sft_512.json`, see `config_path`);
+when it is there it is used (and checked against the tensors). Without it, `num_attention_heads` (8 in every
+MiniMind2 preset) and the MoE top-k (2) are taken as given.
+
+    read_state_dict(path) -> dict                    a weight file, or the model inside a resume checkpoint
+    config_from_state_dict(sd, num_attention_heads=8, num_experts_per_tok=2) -> MiniMindConfig
+    find_weights(name, out_dir="out") -> Path        a path, or a stage prefix: "full_sft" -> out/full_sft_*.pth
+    load_model(path, lora=None, ...) -> MiniMindForCausalLM in eval mode, a LoRA adapter merged in if given
+"""
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from minimind.config import MiniMindConfig
+from minimind.lora import attach_lora, remove_lora
+from minimind.model import MiniMindForCausalLM
+
+
+def read_state_dict(path) -> dict:
+    """The tensors of a weight file (a resume checkpoint's "model" entry also works). Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weight file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch weight file ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def config_from_state_dict(sd: dict, num_attention_heads: int = 8, num_experts_per_tok: int = 2,
+                           name: str = "state dict") -> MiniMindConfig:
+    """The MiniMindConfig whose model has exactly the tensors of `sd` (MiniMind2 key names)."""
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{name}: not a MiniMind2 model (no {key}); a LoRA adapter goes to --lora")
+        return sd[key]
+
+    vocab, hidden = need("model.embed_tokens.weight").shape
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+    head_dim = hidden // num_attention_heads
+    kv_heads = need("model.layers.0.self_attn.k_proj.weight").shape[0] // head_dim
+    use_moe = "model.layers.0.mlp.gate.weight" in sd
+    moe = {}
+    if use_moe:
+        experts = {int(k.split(".")[5]) for k in sd if k.startswith("model.layers.0.mlp.experts.")}
+        shared = {int(k.split(".")[5]) for k in sd if k.startswith("model.layers.0.mlp.shared_experts.")}
+        moe = dict(n_routed_experts=len(experts), n_shared_experts=len(shared),
+                   num_experts_per_tok=min(num_experts_per_tok, len(experts)))
+        inter = need("model.layers.0.mlp.experts.0.gate_proj.weight").shape[0]
+    else:
+        inter = need("model.layers.0.mlp.gate_proj.weight").shape[0]
+    return MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_attention_heads,
+                          num_key_value_heads=kv_heads, vocab_size=vocab, intermediate_size=inter, use_moe=use_moe,
+                          **moe)
+
+
+def config_path(weights_path) -> Path:
+    """Where the config of a weight file lives: beside it, same stem, .json."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def model_config(sd: dict, path, num_attention_heads: Optional[int] = None) -> MiniMindConfig:
+    """The config of the weight file at `path` with tensors `sd`: its .json when there (checked against the
+    tensors), else read off the tensors."""
+    side = config_path(path)
+    if not side.is_file():
+        return config_from_state_dict(sd, num_attention_heads or 8, name=str(path))
+    try:
+        config = MiniMindConfig.from_dict(json.loads(side.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{side}: not a MiniMind config ({e})") from None
+    if num_attention_heads and num_attention_heads != config.num_attention_heads:
+        raise ValueError(f"--num_attention_heads {num_attention_heads} contradicts {side} "
+                         f"({config.num_attention_heads})")
+    seen = config_from_state_dict(sd, config.num_attention_heads, config.num_experts_per_tok, name=str(path))
+    keys = ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "intermediate_size", "use_moe")
+    wrong = [f"{k} {getattr(config, k)} vs {getattr(seen, k)}" for k in keys if getattr(config, k) != getattr(seen, k)]
+    if wrong:
+        raise ValueError(f"{side} does not describe {path}: " + ", ".join(wrong))
+    return config
+
+
+def find_weights(name: Union[str, Path], out_dir="out") -> Path:
+    """A path as given, or a stage prefix ("pretrain", "full_sft", "rlhf", "reason", ...) resolved to the single
+    {out_dir}/{prefix}_{hidden}[_moe].pth there is; several sizes need a path."""
+    path = Path(name)
+    if path.suffix in (".pth", ".pt") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such weight file")
+        return path
+    found = sorted(p for p in Path(out_dir).glob(f"{name}_*.pth")
+                   if p.stem[len(str(name)) + 1:].removesuffix("_moe").isdigit())
+    if not found:
+        raise FileNotFoundError(f"no {out_dir}/{name}_<hidden>.pth: train that stage first, or pass a file path")
+    if len(found) > 1:
+        raise ValueError(f"{name!r} matches {[str(p) for p in found]}; pass one of them as a path")
+    return found[0]
+
+
+def load_model(path, lora: Optional[Union[str, Path]] = None, kernels: str = "torch", device="cpu",
+               dtype: Optional[torch.dtype] = None, num_attention_heads: Optional[int] = None) -> MiniMindForCausalLM:
+    """Build the model a weight file describes and load it strictly; merge a LoRA adapter file into it when given.
+    dtype: the parameters' dtype (default fp32 on CPU, bf16 on CUDA). Returns the model in eval mode."""
+    sd = read_state_dict(path)
+    config = model_config(sd, path, num_attention_heads)
+    model = MiniMindForCausalLM(config, kernels=kernels)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the model read off it: {e}") from None
+    if lora is not None:
+        adapter = read_state_dict(lora)
+        try:
+            attach_lora(model, adapter)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{lora}: not a LoRA adapter for {path} ({e})") from None
+        remove_lora(model, merge=True)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,86 @@
+"""Export to Hugging Face Transformers (minimind.export): the LlamaForCausalLM folder computes what our model
+computes, its tokenizer renders the same chat, and what cannot be exported exactly is refused."""
+import json
+
+import pytest
+import torch
+
+from minimind.export import export, main as export_main
+from minimind.lora import apply_lora, lora_state_dict
+from minimind.tokenizer import load_tokenizer
+from minimind.weights import load_model
+from tests.test_chat import save_fp16, tiny
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_hidden_layers=3, num_key_value_heads=8, intermediate_size=96)])
+def test_transformers_computes_what_we_compute(tmp_path, overrides):
+    path = save_fp16(tiny(**overrides), tmp_path / "full_sft_64.pth")
+    folder = export(path, tmp_path / "hf", dtype="fp32")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    ours, theirs = load_model(path), hf_model(folder)
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 6400, (2, 33))
+    with torch.no_grad():
+        want, got = ours(ids).logits, theirs(ids).logits
+    # Same weights, same math in fp32: only summation order differs.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Greedy decoding with the cache agrees token for token.
+    from minimind.generate import generate
+    prompt = ids[:1, :9]
+    with torch.no_grad():
+        hf_ids = theirs.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 min_new_tokens=12)[:, 9:]
+    ours_ids = generate(ours, prompt, max_new_tokens=12, temperature=0.0, eos_token_id=None)
+    assert hf_ids.tolist() == ours_ids.tolist()
+
+
+def test_the_exported_tokenizer_renders_the_same_chat(tmp_path):
+    folder = export(save_fp16(tiny(), tmp_path / "w.pth"), tmp_path / "hf")
+    ours, theirs = load_tokenizer(), transformers.AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, who is Ada?"},
+                {"role": "assistant", "content": "A person."}, {"role": "user", "content": "Her city?"}]
+    text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ours.apply_chat_template(messages, add_generation_prompt=True)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert theirs.eos_token_id == 2 and theirs.pad_token_id == 0
+
+
+def test_dtype_and_lora_merge(tmp_path):
+    base = tiny()
+    path = save_fp16(base, tmp_path / "full_sft_64.pth")
+    adapted = load_model(path)
+    apply_lora(adapted, rank=4)
+    for name, p in adapted.named_parameters():
+        if name.endswith("lora.B.weight"):
+            torch.nn.init.normal_(p, std=0.1)
+    torch.save(lora_state_dict(adapted), tmp_path / "lora.pth")
+    folder = export(path, tmp_path / "hf", lora=tmp_path / "lora.pth", dtype="fp32")
+    ids = torch.randint(0, 6400, (1, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(folder)(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+    from safetensors import safe_open
+    folder = export(path, tmp_path / "hf16", dtype="bf16")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+
+
+def test_moe_is_refused_and_the_cli_names_problems(tmp_path, capsys):
+    save_fp16(tiny(use_moe=True), tmp_path / "full_sft_64_moe.pth")
+    with pytest.raises(SystemExit):
+        export_main(["full_sft", "--out_dir", str(tmp_path), "--out", str(tmp_path / "hf")])
+    assert "MoE" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    with pytest.raises(SystemExit):
+        export_main(["rlhf", "--out_dir", str(tmp_path), "--out", str(tmp_path / "hf")])
+    assert "rlhf" in capsys.readouterr().err
+    save_fp16(tiny(), tmp_path / "rlhf_64.pth")
+    export_main(["rlhf", "--out_dir", str(tmp_path), "--out", str(tmp_path / "hf")])
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "hf" / "model.safetensors").is_file()

@@ -145,6 +145,7 @@ def test_dpo_pairs(tok, dpo_file):
     loader = build_loader("dpo", dpo_file, tok, max_seq_len=64, batch_size=4, drop_last=False)
     n = 0
     for idx, batch in zip(loader.plan(), all_batches(loader)):
+        assert batch.pop("pair_index").tolist() == list(idx)  # the record each row came from
         shapes = {v.shape for v in batch.values()}
         assert len(shapes) == 1 and len(batch) == 6
         for side in ("chosen", "rejected"):

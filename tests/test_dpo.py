@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
+from train import engine
 from train.losses import dpo_batch_logprobs, dpo_loss, sequence_logprobs
 
 
@@ -115,6 +116,11 @@ def test_dpo_precomputed_reference_gives_the_same_run(torch_run, tmp_path):
     cached, _, _ = _run_dpo(tmp_path, "torch", ["--precompute_ref"])
     a, b = [x for _, x in plain["losses"]], [x for _, x in cached["losses"]]
     assert len(a) == len(b) == 6
+    # MFU counts the live reference's forward (2N + 4LdT per token), not the precomputed one's
+    n, T = engine.matmul_params(plain["model"]), 48
+    assert cached["flops_per_token"] == 6 * n + 12 * 2 * 64 * T
+    assert plain["flops_per_token"] == 6 * n + 12 * 2 * 64 * T + 2 * n + 4 * 2 * 64 * T
+    assert plain["flops_per_token"] > cached["flops_per_token"]
     # the same reference values, from batches of another shape: fp32 rounding only
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
     for (k, v), w in zip(plain["model"].state_dict().items(), cached["model"].state_dict().values()):

@@ -17,6 +17,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # we created the process group, so we destroy it
+    flag_group: object = None  # a gloo group beside an NCCL one, for host-side flags (None: the default group)
 
     @property
     def enabled(self) -> bool:
@@ -54,7 +55,10 @@ def init(device_type: str, need_group: bool = False) -> Dist:
     if (world > 1 or need_group) and not dist.is_initialized():
         dist.init_process_group(backend=backend)
         owns = True
-    return Dist(rank, world, local_rank, owns)
+    flag_group = None
+    if world > 1 and dist.get_backend() == "nccl":
+        flag_group = dist.new_group(backend="gloo")  # every process creates it, in the same order
+    return Dist(rank, world, local_rank, owns, flag_group)
 
 
 def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -67,11 +71,12 @@ def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def any_process(flag: bool, d: Dist, device) -> bool:
-    """True when `flag` is true on any process (all processes get the same answer)."""
+    """True when `flag` is true on any process (all processes get the same answer). Asked every step, so beside
+    NCCL it goes through the gloo flag group on the CPU: a GPU all-reduce would make the host wait for the GPU."""
     if not d.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0], device="cpu" if d.flag_group is not None else device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.flag_group)
     return bool(t.item() > 0)
 
 

@@ -7,17 +7,15 @@ full logits); chosen and rejected rows run as one stacked batch. loss = -logsigm
 (ref_c - ref_r))), beta = --beta. Writes out/rlhf_{hidden}[_moe].pth.
 
 --precompute_ref: before training, one pass of the reference over the whole data set (every process its share,
-then exchanged) stores each sequence's reference log-probability, keyed by a hash of its tokens and loss mask;
-training then looks them up and the reference model is freed. The values are the same ones the per-step path
+then exchanged) stores each pair's reference log-probabilities in a (pairs, 2) tensor on the device, indexed by
+the batch's `pair_index`; training looks them up there (no host synchronisation) and the reference model is freed. The values are the same ones the per-step path
 computes (up to float rounding from a different batch shape); the reference runs once over the data instead of
 once per epoch, and its memory is given back for training.
 
     python -m train.dpo --data_path dataset/dpo.jsonl            # MiniMind2: beta 0.1, lr 1e-8, batch 4, len 1024
 """
 import copy
-import hashlib
 
-import numpy as np
 import torch
 
 from train import engine
@@ -35,41 +33,29 @@ def add_args(parser):
                    help="compute the reference log-probabilities once before training and free the reference model")
 
 
-def sequence_keys(batch, side):
-    """One key per row: a hash of its real tokens and its loss mask (padding and batch shape do not matter)."""
-    ids = batch[f"{side}_input_ids"].cpu().numpy()
-    mask = batch[f"{side}_attention_mask"].cpu().numpy().astype(bool)
-    scored = (batch[f"{side}_labels"].cpu().numpy() != -100)
-    keys = []
-    for row in range(ids.shape[0]):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(ids[row][mask[row]].astype(np.int32).tobytes())
-        h.update(np.packbits(scored[row][mask[row]]).tobytes())
-        keys.append(h.digest())
-    return keys
-
-
 @torch.no_grad()
 def precompute_reference(ref, run):
-    """{sequence key: reference log-probability} over the whole data set (this process's share, then merged)."""
+    """(pairs, 2) float32 on the device: the reference log-probabilities of every pair's chosen and rejected
+    sequence, row = pair_index (this process's share computed, then summed over processes)."""
     from minimind.data import build_loader
     args = run.args
     loader = build_loader("dpo", args.data_path, run.tokenizer, max_seq_len=args.max_seq_len,
                           batch_size=args.batch_size, seed=args.seed, rank=run.rank, world_size=run.world_size,
                           skip_bad_records=args.skip_bad_records, drop_last=False)
-    cache = {}
+    n_pairs = len(loader.cache.lengths) // 2
+    values = torch.zeros(n_pairs, 2, dtype=torch.float32, device=run.device)
+    counts = torch.zeros(n_pairs, 1, dtype=torch.float32, device=run.device)
     for batch in loader:
         batch = {k: v.to(run.device) for k, v in batch.items()}
         with run.autocast():
             chosen, rejected, _ = dpo_batch_logprobs(ref, batch)
-        for side, values in zip(SIDES, (chosen, rejected)):
-            cache.update(zip(sequence_keys(batch, side), values.float().tolist()))
+        values.index_add_(0, batch["pair_index"], torch.stack([chosen, rejected], dim=1).float())
+        counts.index_add_(0, batch["pair_index"], torch.ones_like(counts[:len(chosen)]))
     if run.world_size > 1:
         import torch.distributed as dist
-        parts = [None] * run.world_size
-        dist.all_gather_object(parts, cache)
-        cache = {k: v for part in parts for k, v in part.items()}
-    return cache
+        dist.all_reduce(values)
+        dist.all_reduce(counts)
+    return values / counts.clamp_min(1)  # a pair can be in two processes' shares (padding): the mean of both
 
 
 def prepare(model, run):
@@ -78,32 +64,23 @@ def prepare(model, run):
         ref = run.build_model(weights=args.ref_weight)
     else:
         ref = copy.deepcopy(model)  # the policy as loaded (prepare runs before any resume state is applied)
-    ref.eval().requires_grad_(False)
+    ref = run.add_frozen("ref", ref)
     if args.precompute_ref:
         run.extras["ref_cache"] = precompute_reference(ref, run)
-        run.log(f"DPO: reference log-probabilities of {len(run.extras['ref_cache']):,} sequences precomputed")
-        del ref
-    else:
-        run.extras["ref"] = ref
+        run.log(f"DPO: reference log-probabilities of {len(run.extras['ref_cache']):,} pairs precomputed")
+        del run.extras["ref"], ref  # freed: training only looks the values up (and MFU no longer counts it)
     return model
 
 
 def reference_logprobs(batch, run):
-    """(chosen (B,), rejected (B,)) of the frozen reference: from the precomputed cache or a no-grad forward."""
-    cache = run.extras.get("ref_cache")
-    if cache is None:
+    """(chosen (B,), rejected (B,)) of the frozen reference: from the precomputed table or a no-grad forward."""
+    table = run.extras.get("ref_cache")
+    if table is None:
         with torch.no_grad():
             chosen, rejected, _ = dpo_batch_logprobs(run.extras["ref"], batch)
         return chosen, rejected
-    out = []
-    for side in SIDES:
-        try:
-            values = [cache[k] for k in sequence_keys(batch, side)]
-        except KeyError:
-            raise RuntimeError("--precompute_ref: a training sequence is missing from the reference cache (did "
-                               "the data file change during the run?); run without --precompute_ref") from None
-        out.append(torch.tensor(values, dtype=torch.float32, device=batch[f"{side}_input_ids"].device))
-    return out[0], out[1]
+    rows = table[batch["pair_index"]]
+    return rows[:, 0], rows[:, 1]
 
 
 def dpo_step_loss(model, batch, run):

@@ -222,7 +222,8 @@ class SequenceLoader(Loader):
 
 
 class DPOLoader(SequenceLoader):
-    """Item j is the pair (sequence 2j chosen, 2j + 1 rejected); both padded to one T."""
+    """Item j is the pair (sequence 2j chosen, 2j + 1 rejected); both padded to one T. `pair_index` (B,) names
+    each row's pair (its record number), so per-pair values computed once can be looked up on the device."""
 
     def _setup(self):
         self.lengths = np.minimum(self.cache.lengths, self.max_seq_len)
@@ -245,6 +246,7 @@ class DPOLoader(SequenceLoader):
             out[f"{name}_input_ids"] = torch.from_numpy(ids)
             out[f"{name}_labels"] = torch.from_numpy(labels)
             out[f"{name}_attention_mask"] = torch.from_numpy(attn)
+        out["pair_index"] = torch.from_numpy(batch.astype(np.int64))
         return out
 
     def _batch_tokens(self, batch):

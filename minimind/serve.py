@@ -142,6 +142,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             page = CHAT_PAGE.read_bytes()
             self._headers(HTTPStatus.OK, "text/html; charset=utf-8", len(page))
             self.wfile.write(page)
+        elif self.path == "/favicon.ico":
+            self.send_response(HTTPStatus.NO_CONTENT)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif self.path == "/v1/models":
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [
                 {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "minimind"}]})

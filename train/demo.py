@@ -146,6 +146,9 @@ def main(argv=None):
                 print(f"{'  in template':12s} {s['reason_held_out_accuracy']:8.1%} {'':>7s} {'':>7s} "
                       f"{s['reason_seen_accuracy']:7.1%}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; checkpoints in {out_dir}/")
+    flag = "" if str(out_dir) == "out" else f" --out_dir {out_dir}"
+    print(f"talk to the models: python -m minimind.chat rlhf{flag}   |   python -m minimind.chat reason{flag}   |   "
+          f"python -m minimind.serve rlhf{flag}   (web chat at http://127.0.0.1:8998/)")
     return rows
 
 

@@ -382,3 +382,11 @@ def test_cache_build_streams_the_file(tok, tmp_path, monkeypatch):
     tracemalloc.stop()
     assert c.meta["records"] == 4000 and size > 500_000
     assert peak < size / 4, (peak, size)
+
+
+def test_a_byte_order_mark_is_not_a_bad_record(tok, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first line"}\n{"text": "second"}\n')
+    cache = load_token_cache(path, "pretrain", tok, cache_dir=tmp_path / "c")
+    assert len(cache) == 2 and tok.decode(cache.tokens[cache.offsets[0]:cache.offsets[1]].tolist()).startswith(
+        "<|im_start|>first line")

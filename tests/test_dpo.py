@@ -149,3 +149,34 @@ def test_dpo_resume_keeps_the_original_reference(tmp_path):
     assert [x for _, x in resumed["losses"]] == [x for _, x in whole["losses"]][2:]
     for (k, v), w in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_precomputed_reference_covers_every_pair_under_any_world_size(tmp_path, monkeypatch):
+    """Two processes' shares of the precomputed table add up to the one-process table: the tail batch that
+    lockstep training leaves out of an epoch (11 batches, 2 processes) is computed too, so no pair's
+    reference is left at 0 for a later epoch to train against."""
+    import contextlib
+    import types
+
+    import torch.distributed
+    from minimind.demo import write_demo_data
+    from minimind.tokenizer import load_tokenizer
+    from train import dpo
+
+    tok = load_tokenizer()
+    data = write_demo_data(tmp_path / "data", sizes=dict(pretrain=10, sft=10, dpo=41, reason=10))
+    torch.manual_seed(0)
+    ref = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=tok.vocab_size)).eval()
+    args = types.SimpleNamespace(data_path=data["dpo"], max_seq_len=48, batch_size=4, seed=42,
+                                 skip_bad_records=False)
+
+    def table(rank, world_size):
+        run = types.SimpleNamespace(args=args, tokenizer=tok, rank=rank, world_size=world_size,
+                                    device=torch.device("cpu"), autocast=contextlib.nullcontext)
+        return dpo.precompute_reference(ref, run)
+
+    whole = table(0, 1)
+    assert (whole != 0).all()  # every one of the 41 pairs has its reference values
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: None)  # each rank's own share
+    torch.testing.assert_close(table(0, 2) + table(1, 2), whole, rtol=1e-5, atol=1e-6)

@@ -36,7 +36,7 @@ def add_args(parser):
 @torch.no_grad()
 def precompute_reference(ref, run):
     """(pairs, 2) float32 on the device: the reference log-probabilities of every pair's chosen and rejected
-    sequence, row = pair_index (this process's share computed, then summed over processes)."""
+    sequence, row = pair_index (each process computes its share of every batch, then the shares are summed)."""
     from minimind.data import build_loader
     args = run.args
     loader = build_loader("dpo", args.data_path, run.tokenizer, max_seq_len=args.max_seq_len,
@@ -44,18 +44,15 @@ def precompute_reference(ref, run):
                           skip_bad_records=args.skip_bad_records, drop_last=False)
     n_pairs = len(loader.cache.lengths) // 2
     values = torch.zeros(n_pairs, 2, dtype=torch.float32, device=run.device)
-    counts = torch.zeros(n_pairs, 1, dtype=torch.float32, device=run.device)
-    for batch in loader:
+    for batch in loader.every_batch():  # the tail batches too: training's epochs reach every pair
         batch = {k: v.to(run.device) for k, v in batch.items()}
         with run.autocast():
             chosen, rejected, _ = dpo_batch_logprobs(ref, batch)
         values.index_add_(0, batch["pair_index"], torch.stack([chosen, rejected], dim=1).float())
-        counts.index_add_(0, batch["pair_index"], torch.ones_like(counts[:len(chosen)]))
     if run.world_size > 1:
         import torch.distributed as dist
         dist.all_reduce(values)
-        dist.all_reduce(counts)
-    return values / counts.clamp_min(1)  # a pair can be in two processes' shares (padding): the mean of both
+    return values
 
 
 def prepare(model, run):

@@ -27,6 +27,8 @@ def iter_line_blocks(path, max_lines: int = 2048, max_bytes: int = 4 << 20) -> I
     block, size, first = [], 0, 1
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors)
             if not block:
                 first = lineno
             block.append(line)

@@ -117,6 +117,14 @@ class Loader:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
+    def every_batch(self):
+        """This rank's share of EVERY global batch of the current epoch, the tail included (r, r + W, ... to the
+        end), without touching the position: for one pass over the whole data set (DPO's precomputed reference).
+        Ranks may get one batch more than others, so this is not for training in lockstep."""
+        plan = self.plan()
+        for g in range(self.rank, len(plan), self.world_size):
+            yield self._collate(plan[g])
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (its shuffle); keeps the position when it is already the current epoch (resume)."""
         if epoch != self.epoch:

@@ -146,3 +146,23 @@ def test_distill_stage_moves_the_student_towards_the_teacher(tmp_path, kernels):
     assert after < before and kl_after < kl_before
     if kernels == "torch":
         assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("overrides", [dict(use_moe=True, n_routed_experts=3), dict(num_key_value_heads=4)])
+def test_teacher_shape_is_read_off_its_weight_file(tmp_path, overrides):
+    """A teacher given by path alone: its shape (MoE experts, kv heads) comes from the file, and it loads."""
+    import argparse
+    from train import distill
+
+    parser = argparse.ArgumentParser()
+    distill.add_args(parser)
+    args = parser.parse_args(["--teacher_weight", str(tmp_path / "teacher.pth")])
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, vocab_size=97, **overrides)  # 8 heads (the default)
+    torch.save({k: v.half() for k, v in MiniMindForCausalLM(cfg).state_dict().items()}, tmp_path / "teacher.pth")
+    got = distill.teacher_config(args, tiny())
+    for k in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "use_moe", "n_routed_experts", "vocab_size"):
+        assert getattr(got, k) == getattr(cfg, k), k
+    engine.load_weights(MiniMindForCausalLM(got), tmp_path / "teacher.pth")  # strict: every tensor fits
+    args.teacher_weight = str(tmp_path / "missing.pth")
+    with pytest.raises(engine.ConfigError, match="missing.pth"):
+        distill.teacher_config(args, tiny())

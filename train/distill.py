@@ -14,11 +14,13 @@ Both must share the tokenizer. Writes out/full_dist_{hidden}[_moe].pth.
 
     python -m train.distill --preset small --teacher_preset base --data_path dataset/sft_mini_512.jsonl
 """
+import os
 from pathlib import Path
 
 import torch
 
 from minimind.config import PRESETS, MiniMindConfig
+from minimind.weights import model_config, read_state_dict
 from train import engine
 from train.losses import chunked_distill_loss
 
@@ -41,19 +43,13 @@ def add_args(parser):
 
 
 def _sizes_from_file(path):
-    """hidden_size, num_hidden_layers, use_moe (and the MoE expert count) read off a MiniMind2 weight file."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd["model"] if isinstance(sd.get("model"), dict) else sd
-    emb = sd.get("model.embed_tokens.weight", sd.get("lm_head.weight"))
-    if emb is None:
-        raise engine.ConfigError(f"--teacher_weight {path}: no model.embed_tokens.weight; not a MiniMind2 checkpoint")
-    sizes = dict(hidden_size=emb.shape[1],
-                 num_hidden_layers=len({int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}))
-    experts = {int(k.split(".")[4]) for k in sd if k.startswith("model.layers.0.mlp.experts.")}
-    sizes["use_moe"] = bool(experts)
-    if experts:
-        sizes["n_routed_experts"] = len(experts)
-    return sizes
+    """The teacher's shape from its weight file: the config written beside it, else read off the tensors
+    (minimind.weights.model_config: hidden, layers, kv heads, MLP width, experts)."""
+    try:
+        cfg = model_config(read_state_dict(path), path)
+    except (FileNotFoundError, ValueError) as e:
+        raise engine.ConfigError(f"--teacher_weight {path}: {e}") from None
+    return {k: v for k, v in cfg.to_dict().items() if k != "vocab_size"}
 
 
 def teacher_config(args, student: MiniMindConfig) -> MiniMindConfig:
@@ -64,7 +60,7 @@ def teacher_config(args, student: MiniMindConfig) -> MiniMindConfig:
         explicit["use_moe"] = bool(explicit["use_moe"])
     sizes = dict(PRESETS[args.teacher_preset]) if args.teacher_preset else {}
     weight = args.teacher_weight
-    is_path = weight not in (None, "", "none") and (weight.endswith((".pth", ".pt")) or "/" in weight)
+    is_path = weight not in (None, "", "none") and (weight.endswith((".pth", ".pt")) or "/" in weight or os.sep in weight)
     if is_path and not explicit and not args.teacher_preset:
         if not Path(weight).is_file():
             raise engine.ConfigError(f"--teacher_weight {weight}: no such file")

@@ -1,7 +1,7 @@
 """Text generation on the model's KV cache: greedy, temperature, top-k, top-p, repetition penalty, streaming.
 
 One step: logits of the last position -> (repetition penalty) -> / temperature -> keep the top_k -> keep the
-smallest set whose probability reaches top_p -> sample (or argmax when temperature == 0). The prompt runs once;
+smallest set whose probability reaches top_p -> sample (or argmax when temperature is 0). The prompt runs once;
 every next token runs alone against the cache (`model(ids, past_key_values=cache, use_cache=True)`).
 
 Batches: prompts of different lengths are left-padded (`left_pad`) with an attention mask; rotary attention
@@ -20,10 +20,13 @@ from typing import Optional
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 256
-    temperature: float = 0.85  # 0 = greedy
+    temperature: float = 0.85  # 0 (or below 1e-5, where logits / T would overflow) = greedy
     top_p: float = 0.85  # 1 = off
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; CTRL-style: a seen token's logit is divided (>0) or multiplied (<0)
@@ -74,7 +77,7 @@ def next_token(logits, cfg: SamplingConfig, seen_ids=None, generator=None):
     logits = logits.float()
     if seen_ids is not None:
         logits = apply_repetition_penalty(logits, seen_ids, cfg.repetition_penalty)
-    if cfg.temperature == 0:
+    if cfg.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -104,11 +107,10 @@ def stream(model, input_ids, attention_mask=None, cfg: Optional[SamplingConfig] 
     was_training = model.training
     model.eval()
     try:
-        limit = model.config.max_position_embeddings - input_ids.shape[1]  # prompt + reply fit the context
-        if limit < 0:
-            raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds max_position_embeddings "
-                             f"{model.config.max_position_embeddings}")
-        steps = min(cfg.max_new_tokens, limit)
+        context, T = model.config.max_position_embeddings, input_ids.shape[1]
+        if T > context:
+            raise ValueError(f"prompt of {T} tokens exceeds max_position_embeddings {context}")
+        steps = min(cfg.max_new_tokens, context - T)  # prompt + reply fit the context
         B = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         seq, cache, feed = input_ids, None, input_ids
@@ -119,7 +121,9 @@ def stream(model, input_ids, attention_mask=None, cfg: Optional[SamplingConfig] 
                 cache = out.past_key_values
             else:
                 out = model(seq, attention_mask=mask, logits_to_keep=1)
-            seen = seq if cfg.repetition_penalty != 1.0 else None
+            seen = None
+            if cfg.repetition_penalty != 1.0:  # a row's own tokens: its left pads stand in for its last token
+                seen = torch.where(mask.bool(), seq, seq[:, -1:])
             tok = next_token(out.logits[:, -1], cfg, seen, generator)
             tok = torch.where(done, torch.full_like(tok, cfg.pad_token_id), tok)
             yield tok

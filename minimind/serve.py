@@ -12,11 +12,13 @@ Endpoints:
 
 Replies follow OpenAI's chat-completion objects (id, object, created, model, choices with message or delta and
 finish_reason "stop" | "length", usage), so third-party chat UIs and the `openai` client work with a base URL of
-http://HOST:PORT/v1. Bad requests get status 400 and {"error": {"message", "type", "param"}} naming the field.
+http://HOST:PORT/v1. Bad requests get status 400 and {"error": {"message", "type", "param"}} naming the field
+(a conversation longer than the model's context included); a failure inside the model, 500 with the reason.
 One model answers one request at a time (a lock); requests wait their turn. CORS is open, for browser clients.
 """
 import argparse
 import json
+import math
 import threading
 import time
 import uuid
@@ -27,10 +29,11 @@ from pathlib import Path
 import torch
 
 from minimind.chat import add_model_args, add_sampling_args, open_model, sampling_from_args
-from minimind.generate import SamplingConfig, stream_chat
+from minimind.generate import SamplingConfig, stream_text
 
 CHAT_PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
 ROLES = ("system", "user", "assistant")
+MAX_BODY_BYTES = 8 << 20  # a conversation that fills the context is a few hundred KB
 
 
 class RequestError(ValueError):
@@ -65,8 +68,9 @@ def parse_request(body: dict, defaults: SamplingConfig, max_tokens_cap: int):
         value = body.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise RequestError(f"'{name}' must be a{'n integer' if kind is int else ' number'}", name)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (kind is int and value != int(value))):  # (Python's json reads NaN and Infinity)
+            raise RequestError(f"'{name}' must be a{'n integer' if kind is int else ' finite number'}", name)
         return kind(value)
 
     max_tokens = number("max_completion_tokens", int, number("max_tokens", int, defaults.max_new_tokens))
@@ -86,7 +90,10 @@ def parse_request(body: dict, defaults: SamplingConfig, max_tokens_cap: int):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false", "stream")
-    return clean, cfg, number("seed", int, None), stream
+    seed = number("seed", int, None)
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
+        raise RequestError("'seed' must fit in 64 bits", "seed")
+    return clean, cfg, seed, stream
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -113,21 +120,23 @@ class ChatHandler(BaseHTTPRequestHandler):
         if getattr(self.server, "verbose", False):
             super().log_message(fmt, *args)
 
-    def _headers(self, status, content_type, length=None):
+    def _headers(self, status, content_type, length=None, close=False):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Access-Control-Allow-Origin", "*")
         if length is not None:
             self.send_header("Content-Length", str(length))
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
 
-    def _send_json(self, status, obj):
+    def _send_json(self, status, obj, close=False):
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self._headers(status, "application/json; charset=utf-8", len(data))
+        self._headers(status, "application/json; charset=utf-8", len(data), close)
         self.wfile.write(data)
 
-    def _error(self, status, message, param=None, kind="invalid_request_error"):
-        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+    def _error(self, status, message, param=None, kind="invalid_request_error", close=False):
+        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}}, close)
 
     def do_OPTIONS(self):
         self.send_response(HTTPStatus.NO_CONTENT)
@@ -152,13 +161,32 @@ class ChatHandler(BaseHTTPRequestHandler):
         else:
             self._error(HTTPStatus.NOT_FOUND, f"no such path: GET {self.path}", kind="not_found")
 
+    def _read_body(self):
+        """The request body (Content-Length bytes; none without the header), or None after answering 400 and
+        closing the connection when the length is unusable (the next request's start could not be found)."""
+        try:
+            length = -1 if "Transfer-Encoding" in self.headers else int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._error(HTTPStatus.BAD_REQUEST, "send the body with a valid Content-Length (chunked transfer "
+                        "encoding is not supported)", close=True)
+            return None
+        if length > MAX_BODY_BYTES:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {length} bytes; at most {MAX_BODY_BYTES} "
+                        "are read", close=True)
+            return None
+        return self.rfile.read(length)
+
     def do_POST(self):
+        raw = self._read_body()  # read even for a wrong path: on a kept-alive connection the next request follows
+        if raw is None:
+            return
         if self.path != "/v1/chat/completions":
             self._error(HTTPStatus.NOT_FOUND, f"no such path: POST {self.path}", kind="not_found")
             return
         try:
-            length = int(self.headers.get("Content-Length", 0))
-            body = json.loads(self.rfile.read(length).decode("utf-8") or "null")
+            body = json.loads(raw.decode("utf-8") or "null")
             messages, cfg, seed, stream = parse_request(body, self.server.defaults, self.server.max_tokens_cap)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             self._error(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {e}")
@@ -166,17 +194,33 @@ class ChatHandler(BaseHTTPRequestHandler):
         except RequestError as e:
             self._error(HTTPStatus.BAD_REQUEST, str(e), e.param)
             return
-        reply = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=self.server.model_name)
         srv, info = self.server, {}
+        prompt = srv.tokenizer.encode(srv.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        context = srv.model.config.max_position_embeddings
+        if len(prompt) >= context:
+            self._error(HTTPStatus.BAD_REQUEST, f"the conversation is {len(prompt)} tokens; the model's context is "
+                        f"{context}: send fewer or shorter messages", "messages")
+            return
+        reply = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=srv.model_name)
         with srv.lock:
-            pieces = stream_chat(srv.model, srv.tokenizer, messages, cfg, srv.generator(seed), info)
-            if stream:
-                self._stream(reply, pieces, info)
-            else:
-                text = "".join(pieces)
-                self._send_json(HTTPStatus.OK, {**reply, "object": "chat.completion", "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": text},
-                    "finish_reason": info["finish_reason"]}], "usage": _usage(info)})
+            pieces = stream_text(srv.model, srv.tokenizer, prompt, cfg, srv.generator(seed), info)
+            try:
+                if stream:
+                    self._stream(reply, pieces, info)
+                else:
+                    text = "".join(pieces)
+                    self._send_json(HTTPStatus.OK, {**reply, "object": "chat.completion", "choices": [{
+                        "index": 0, "message": {"role": "assistant", "content": text},
+                        "finish_reason": info["finish_reason"]}], "usage": _usage(info)})
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away: stop generating
+            except Exception as e:  # a failure inside the model: say so rather than drop the connection
+                if stream:
+                    raise  # the headers are out; the stream ends without [DONE]
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}",
+                            kind="server_error", close=True)
+            finally:
+                pieces.close()  # inside the lock: the generator's cleanup touches the shared model
 
     def _stream(self, reply, pieces, info):
         self.send_response(HTTPStatus.OK)
@@ -193,15 +237,12 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode("utf-8"))
             self.wfile.flush()
 
-        try:
-            event({"role": "assistant", "content": ""})
-            for piece in pieces:
-                event({"content": piece})
-            event({}, info["finish_reason"], usage=_usage(info))
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away: stop generating
+        event({"role": "assistant", "content": ""})
+        for piece in pieces:
+            event({"content": piece})
+        event({}, info["finish_reason"], usage=_usage(info))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
 
 def _usage(info):

@@ -54,9 +54,9 @@ def config_from_state_dict(sd: dict, num_attention_heads: int = 8, num_experts_p
         return sd[key]
 
     vocab, hidden = need("model.embed_tokens.weight").shape
-    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     head_dim = hidden // num_attention_heads
     kv_heads = need("model.layers.0.self_attn.k_proj.weight").shape[0] // head_dim
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     use_moe = "model.layers.0.mlp.gate.weight" in sd
     moe = {}
     if use_moe:

@@ -168,3 +168,8 @@ def test_the_config_beside_a_weight_file_is_used_and_checked(tmp_path):
     (tmp_path / "full_sft_64.json").write_text(json.dumps({**model.config.to_dict(), "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="num_hidden_layers 3 vs 2"):
         load_model(path)
+
+
+def test_a_state_dict_without_layers_is_named():
+    with pytest.raises(ValueError, match="weights.pth: not a MiniMind2 model"):
+        config_from_state_dict({"model.embed_tokens.weight": torch.zeros(10, 8)}, name="weights.pth")

@@ -124,6 +124,25 @@ def test_repetition_penalty():
     assert len(set(seq[4:])) == 20 and not set(seq[4:]) & set(seq[:4])  # a huge penalty forbids repeats
 
 
+def test_repetition_penalty_ignores_left_pads():
+    """The pad id is not a token a padded row has seen: with a penalty, a padded row still decodes as alone."""
+    from types import SimpleNamespace
+
+    class Stub(torch.nn.Module):  # prefers token 0 (the pad id), then token 5, whatever the input
+        config = SimpleNamespace(max_position_embeddings=64)
+
+        def forward(self, ids, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0):
+            logits = torch.zeros(ids.shape[0], 1, 8)
+            logits[..., 0], logits[..., 5] = 2.0, 1.0
+            return SimpleNamespace(logits=logits, past_key_values=None)
+
+    ids, mask = left_pad([[3, 4, 6], [3, 4]])
+    kw = dict(max_new_tokens=2, temperature=0.0, eos_token_id=None, repetition_penalty=4.0)
+    batched = generate(Stub(), ids, mask, **kw)
+    alone = generate(Stub(), torch.tensor([[3, 4]]), **kw)
+    assert alone.tolist() == [[0, 5]] and torch.equal(batched[1], alone[0])
+
+
 def test_bad_arguments():
     model = peaked_model()
     with pytest.raises(ValueError, match="top_p"):
@@ -148,3 +167,10 @@ def test_chat_with_the_bundled_tokenizer():
     ids = ids[0].tolist()
     ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
     assert reply == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_tiny_temperature_is_greedy():
+    model = peaked_model()  # max_position_embeddings 64
+    ids = torch.randint(3, 97, (2, 7))
+    greedy = generate(model, ids, max_new_tokens=5, temperature=0.0, eos_token_id=None)
+    assert torch.equal(generate(model, ids, max_new_tokens=5, temperature=1e-40, eos_token_id=None), greedy)

@@ -98,6 +98,10 @@ def test_a_seed_makes_sampling_repeatable(server):
     ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
     ({"messages": QUESTION, "stream": "yes"}, "stream"),
     ({"messages": QUESTION, "n": 2}, "n"),
+    ({"messages": QUESTION, "temperature": float("nan")}, "temperature"),  # json.dumps writes NaN, json reads it
+    ({"messages": QUESTION, "max_tokens": float("inf")}, "max_tokens"),
+    ({"messages": QUESTION, "repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"messages": QUESTION, "seed": 2 ** 70}, "seed"),
 ])
 def test_bad_requests_name_the_field(server, body, param):
     status, ctype, text = post(server[0], body)
@@ -113,6 +117,31 @@ def test_invalid_json_and_unknown_paths(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/v2/nothing", timeout=10)
     assert e.value.code == 404
+
+
+def test_a_kept_alive_connection_survives_a_wrong_path_and_a_bad_length(server):
+    """The body of a POST to an unknown path is read, so the next request on the connection parses; a length the
+    server cannot use gets a 400 and the connection closed instead of a hang."""
+    import http.client
+    host, port = server[0].removeprefix("http://").split(":")
+    body = json.dumps({"messages": QUESTION, "temperature": 0, "max_tokens": 2})
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/v2/nothing", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 404 and json.loads(r.read())["error"]["type"] == "not_found"
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 2
+        for length in ("-1", "ten"):
+            conn.close()
+            conn.putrequest("POST", "/v1/chat/completions")
+            conn.putheader("Content-Length", length)
+            conn.endheaders()
+            r = conn.getresponse()
+            assert r.status == 400 and r.getheader("Connection") == "close" and "Content-Length" in r.read().decode()
+    finally:
+        conn.close()
 
 
 def test_models_page_and_cors(server):
@@ -145,3 +174,32 @@ def test_the_command_line_serves_a_weight_file(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _one_off_server(model):
+    srv = ChatServer(("127.0.0.1", 0), model, load_tokenizer(), "one-off", SamplingConfig(max_new_tokens=4))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_a_conversation_longer_than_the_context_is_a_400_and_a_model_failure_a_500():
+    srv, url = _one_off_server(tiny(max_position_embeddings=16))
+    try:
+        status, _, text = post(url, {"messages": QUESTION})
+        assert status == 400 and json.loads(text)["error"]["param"] == "messages"
+        assert "context is 16" in json.loads(text)["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    model = tiny()
+    srv, url = _one_off_server(model)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+    model.forward = broken
+    try:
+        status, _, text = post(url, {"messages": QUESTION})
+        assert status == 500 and "out of memory (simulated)" in json.loads(text)["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -37,6 +37,19 @@ def test_deepspeed_zero_matches_the_plain_engine(zero, nproc, demo_data, tmp_pat
     assert ds_losses == pytest.approx([loss for _, loss in plain["losses"]], abs=1e-4)
 
 
+def test_a_resave_never_writes_into_the_tag_latest_names(demo_data, tmp_path):  # noqa: F811
+    """Resuming a finished run saves the same step again: it goes to a new tag, then `latest` flips to it."""
+    argv = tiny_flags(tmp_path, demo_data["pretrain"], steps=2, batch_size=2,
+                      extra=["--deepspeed", ROOT / "train/configs/ds_zero1.json"])
+    folder = tmp_path / "pretrain_64_resume_ds"
+    for attempt in range(2):
+        r = run_module(["-m", "train.pretrain", *argv, *(["--from_resume", "1"] if attempt else [])], timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        tag = json.loads((folder / "latest.json").read_text())["tag"]
+        assert (tag == "step2") if attempt == 0 else tag.startswith("step2_")
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [tag]
+
+
 def test_filled_config_rejects_a_contradicting_value(tmp_path):
     from argparse import Namespace
 

@@ -68,3 +68,10 @@ def test_resume_refuses_a_different_model(demo_data, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="--batch_size 4, got --batch_size 2"):
         pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2, batch_size=2,
                                  extra=["--from_resume", "1"]))
+    with pytest.raises(ConfigError, match="--from_resume .*pretrain_64_resume.pt does not fit .*seed=42"):
+        pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2, extra=["--from_resume", "1", "--seed", "7"]))
+    with pytest.raises(ConfigError, match="missing_resume.pt: no such file"):
+        pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2,
+                                 extra=["--from_resume", str(tmp_path / "missing_resume.pt")]))
+    with pytest.raises(ConfigError, match="needs --deepspeed"):
+        pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2, extra=["--from_resume", str(tmp_path)]))

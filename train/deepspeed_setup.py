@@ -11,7 +11,10 @@ so a crash mid-save leaves the previous tag in force.
 """
 import json
 import shutil
+import time
 from pathlib import Path
+
+import torch
 
 from train import distributed
 from train.checkpoint import atomic_write_text
@@ -55,9 +58,15 @@ def initialize(step_module, trainable, optimizer, args, dist):
 
 
 def save_resume(engine, folder, state, dist):
-    """Every process writes its shard under tag step{N}; then `latest` flips to it and older tags are removed."""
+    """Every process writes its shard under tag step{N} (step{N}_{ns} if that exists: a re-save never writes into
+    the tag `latest` names); then `latest` flips to it and older tags are removed."""
     folder = Path(folder)
-    tag = f"step{state['step']}"
+    tag = [f"step{state['step']}"]
+    if dist.is_main and (folder / tag[0]).exists():  # never overwrite the tag `latest` may name (a re-save)
+        tag[0] += f"_{time.time_ns()}"
+    if dist.enabled:
+        torch.distributed.broadcast_object_list(tag, src=0)  # every process writes its part under one tag
+    tag = tag[0]
     engine.save_checkpoint(str(folder), tag=tag, client_state={"engine_state": state}, save_latest=False)
     distributed.barrier(dist)
     if dist.is_main:

@@ -578,10 +578,17 @@ def train(stage: Stage, args) -> dict:
 
 
 def _resume_source(args, default_path):
+    """The resume checkpoint to load: None for --from_resume 0, or 1 with nothing saved yet; a path given (that
+    _check_args found) of the wrong kind (a DeepSpeed folder without --deepspeed, a .pt file with it) is an error."""
     if args.from_resume == "0":
         return None
-    path = default_path if args.from_resume == "1" else Path(args.from_resume)
-    return path if path.exists() else None
+    if args.from_resume == "1":
+        return default_path if default_path.exists() else None
+    path = Path(args.from_resume)
+    if path.is_dir() != bool(args.deepspeed):
+        raise ConfigError(f"--from_resume {path}: a DeepSpeed resume is a folder and needs --deepspeed; a plain one "
+                          f"is a .pt file and does not" + (" (this is a folder)" if path.is_dir() else ""))
+    return path
 
 
 def _check_resume(state, path, stage, args, config):
@@ -721,7 +728,11 @@ def _train(stage, args, device, dist):
     if state is not None:
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
         tokens_total = state.get("tokens", 0)
-        loader.load_state_dict(state["loader"])
+        try:
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:  # another data file, --seed or packing: the saved position means other batches
+            raise ConfigError(f"--from_resume {resume_from} does not fit --data_path {args.data_path} "
+                              f"--seed {args.seed}: {e}") from None
         set_rng_state(state["rng"])
         run.log(f"resumed from {resume_from} at step {step} (epoch {epoch}, "
                 f"{epoch_batches} global batches into it; saved by {state['world_size']} process(es))")

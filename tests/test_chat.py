@@ -42,10 +42,11 @@ def test_config_is_read_off_the_state_dict(overrides):
         assert getattr(got, field) == getattr(cfg, field), field
 
 
-def test_load_model_gives_the_saved_model(tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("overrides", [dict(), dict(use_moe=True)], ids=["dense", "moe"])
+def test_load_model_gives_the_saved_model(tmp_path, overrides):
+    model = tiny(**overrides)
     path = save_fp16(model, tmp_path / "full_sft_64.pth")
-    rounded = tiny()
+    rounded = tiny(**overrides)
     rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
     loaded = load_model(path)
     assert not loaded.training and loaded.lm_head.weight is loaded.model.embed_tokens.weight

@@ -99,10 +99,11 @@ def parse_request(body: dict, defaults: SamplingConfig, max_tokens_cap: int):
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, model, tokenizer, model_name, defaults: SamplingConfig, max_tokens_cap=2048):
+    def __init__(self, address, model, tokenizer, model_name, defaults: SamplingConfig, max_tokens_cap=2048,
+                 verbose=False):
         super().__init__(address, ChatHandler)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.defaults, self.max_tokens_cap = defaults, max_tokens_cap
+        self.defaults, self.max_tokens_cap, self.verbose = defaults, max_tokens_cap, verbose
         self.lock = threading.Lock()
 
     def generator(self, seed):
@@ -117,7 +118,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):  # one line per request, no noise in tests
-        if getattr(self.server, "verbose", False):
+        if self.server.verbose:
             super().log_message(fmt, *args)
 
     def _headers(self, status, content_type, length=None, close=False):
@@ -267,8 +268,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     server = ChatServer((args.host, args.port), model, tokenizer, args.model_name or path.stem, defaults,
-                        args.max_tokens_cap)
-    server.verbose = args.verbose
+                        args.max_tokens_cap, args.verbose)
     host, port = server.server_address[:2]
     print(f"serving {path} as {server.model_name!r}: web chat http://{host}:{port}/ , "
           f"API base http://{host}:{port}/v1", flush=True)

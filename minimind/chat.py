@@ -16,8 +16,7 @@ import sys
 import torch
 
 from minimind.generate import SamplingConfig, stream_chat, stream_text
-from minimind.tokenizer import load_tokenizer
-from minimind.weights import find_weights, load_model
+from minimind.weights import find_weights, load_model, load_tokenizer_for
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -26,7 +25,8 @@ def add_model_args(p: argparse.ArgumentParser):
                                    "looked up in --out_dir")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--lora", default=None, help="a LoRA adapter file to merge into the weights")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: the one the weights' .json card names, else the bundled one)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_attention_heads", type=int, default=None,
                    help="only for a weight file without its .json config (then default 8, as in MiniMind2)")
@@ -45,7 +45,7 @@ def add_sampling_args(p: argparse.ArgumentParser):
 def open_model(args):
     """(model, tokenizer) from the model flags; errors say which file or flag is wrong."""
     path = find_weights(args.weights, args.out_dir)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer_for(path, args.tokenizer)
     model = load_model(path, lora=args.lora, device=args.device, num_attention_heads=args.num_attention_heads)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {path} only {model.config.vocab_size}; "

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from minimind.generate import SamplingConfig
-from minimind.tokenizer import load_tokenizer
-from minimind.weights import find_weights, load_model
+from minimind.weights import find_weights, load_model, load_tokenizer_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -74,7 +73,7 @@ def export(weights, out_dir, lora=None, tokenizer=None, dtype="bf16", num_attent
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model = load_model(weights, lora=lora, num_attention_heads=num_attention_heads)
     config = llama_config(model.config, DTYPES[dtype])
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer_for(weights, tokenizer)
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but {weights} only {model.config.vocab_size}; "
                          f"pass the tokenizer it was trained with")
@@ -99,7 +98,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--lora", default=None, help="a LoRA adapter file to merge in first")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: the one the weights' .json card names, else the bundled one)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--num_attention_heads", type=int, default=None,
                    help="only for a weight file without its .json config (then default 8, as in MiniMind2)")

@@ -9,14 +9,17 @@ except the number of query heads shows in it:
     intermediate I       model.layers.0.mlp.gate_proj.weight              (I, H)
     MoE                  model.layers.0.mlp.gate.weight (E, H); mlp.experts.{e}.*, mlp.shared_experts.{s}.*
 
-The trainer also writes the full config beside each weight file (`out/full_sft_512.json`, see `config_path`);
-when it is there it is used (and checked against the tensors). Without it, `num_attention_heads` (8 in every
-MiniMind2 preset) and the MoE top-k (2) are taken as given.
+The trainer also writes a model card beside each weight file (`out/full_sft_512.json`, see `model_card`): the full
+config and the tokenizer the model was trained with (its folder, None for the bundled one, and its fingerprint).
+When it is there the config is used (and checked against the tensors) and `load_tokenizer_for` picks that
+tokenizer, refusing one that differs: two tokenizers with the same vocabulary size give garbage, not an error.
+Without it, `num_attention_heads` (8 in every MiniMind2 preset) and the MoE top-k (2) are taken as given.
 
     read_state_dict(path) -> dict                    a weight file, or the model inside a resume checkpoint
     config_from_state_dict(sd, num_attention_heads=8, num_experts_per_tok=2) -> MiniMindConfig
     find_weights(name, out_dir="out") -> Path        a path, or a stage prefix: "full_sft" -> out/full_sft_*.pth
     load_model(path, lora=None, ...) -> MiniMindForCausalLM in eval mode, a LoRA adapter merged in if given
+    load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer   the one the card names (or tokenizer_dir, checked)
 """
 import json
 from pathlib import Path
@@ -27,6 +30,9 @@ import torch
 from minimind.config import MiniMindConfig
 from minimind.lora import attach_lora, remove_lora
 from minimind.model import MiniMindForCausalLM
+from minimind.tokenizer import Tokenizer, load_tokenizer
+
+CARD_FORMAT = "minimind-model-card/1"
 
 
 def read_state_dict(path) -> dict:
@@ -73,20 +79,39 @@ def config_from_state_dict(sd: dict, num_attention_heads: int = 8, num_experts_p
 
 
 def config_path(weights_path) -> Path:
-    """Where the config of a weight file lives: beside it, same stem, .json."""
+    """Where the model card of a weight file lives: beside it, same stem, .json."""
     return Path(weights_path).with_suffix(".json")
 
 
-def model_config(sd: dict, path, num_attention_heads: Optional[int] = None) -> MiniMindConfig:
-    """The config of the weight file at `path` with tensors `sd`: its .json when there (checked against the
-    tensors), else read off the tensors."""
+def model_card(config: MiniMindConfig, tokenizer: Tokenizer, tokenizer_dir=None) -> dict:
+    """What the trainer writes to config_path(weights): the config and the tokenizer (folder or None = bundled)."""
+    return {"format": CARD_FORMAT, "config": config.to_dict(),
+            "tokenizer": None if tokenizer_dir is None else str(Path(tokenizer_dir).resolve()),
+            "tokenizer_fingerprint": tokenizer.fingerprint}
+
+
+def read_card(path) -> Optional[dict]:
+    """The model card beside the weight file at `path`, or None when there is none."""
     side = config_path(path)
     if not side.is_file():
-        return config_from_state_dict(sd, num_attention_heads or 8, name=str(path))
+        return None
     try:
-        config = MiniMindConfig.from_dict(json.loads(side.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{side}: not a MiniMind config ({e})") from None
+        card = json.loads(side.read_text())
+        if card.get("format") != CARD_FORMAT:
+            raise ValueError(f"format {card.get('format')!r}, expected {CARD_FORMAT!r}")
+        card["config"] = MiniMindConfig.from_dict(card["config"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{side}: not a model card ({type(e).__name__}: {e})") from None
+    return card
+
+
+def model_config(sd: dict, path, num_attention_heads: Optional[int] = None) -> MiniMindConfig:
+    """The config of the weight file at `path` with tensors `sd`: its card's when there (checked against the
+    tensors), else read off the tensors."""
+    card = read_card(path)
+    if card is None:
+        return config_from_state_dict(sd, num_attention_heads or 8, name=str(path))
+    config, side = card["config"], config_path(path)
     if num_attention_heads and num_attention_heads != config.num_attention_heads:
         raise ValueError(f"--num_attention_heads {num_attention_heads} contradicts {side} "
                          f"({config.num_attention_heads})")
@@ -96,6 +121,22 @@ def model_config(sd: dict, path, num_attention_heads: Optional[int] = None) -> M
     if wrong:
         raise ValueError(f"{side} does not describe {path}: " + ", ".join(wrong))
     return config
+
+
+def load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer:
+    """The tokenizer for the weight file at `path`: tokenizer_dir if given, else the one its card names (else the
+    bundled one). A tokenizer other than the one the card recorded is an error naming both."""
+    card = read_card(path)
+    recorded = None if card is None else card.get("tokenizer")
+    chosen = tokenizer_dir if tokenizer_dir is not None else recorded
+    if chosen is not None and not Path(chosen).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {chosen} not found" + (
+            f" ({config_path(path)} records it; pass --tokenizer DIR)" if tokenizer_dir is None else ""))
+    tokenizer = load_tokenizer(chosen)
+    if card is not None and card.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
+        raise ValueError(f"{path} was trained with the tokenizer {recorded or 'bundled with minimind'}, not "
+                         f"{chosen or 'the bundled one'} (fingerprints differ); pass --tokenizer with the right folder")
+    return tokenizer
 
 
 def find_weights(name: Union[str, Path], out_dir="out") -> Path:

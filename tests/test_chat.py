@@ -1,5 +1,6 @@
 """Opening a trained model from its weight file alone (minimind.weights) and the terminal chat (minimind.chat)."""
 import io
+import json
 from contextlib import redirect_stdout
 
 import pytest
@@ -9,7 +10,7 @@ from minimind import MiniMindConfig, MiniMindForCausalLM
 from minimind.chat import main as chat_main
 from minimind.generate import chat, stream_text
 from minimind.lora import apply_lora, lora_state_dict
-from minimind.tokenizer import load_tokenizer
+from minimind.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 from minimind.weights import config_from_state_dict, find_weights, load_model, read_state_dict
 
 
@@ -153,11 +154,17 @@ def test_chat_cli_errors_name_the_problem(tmp_path, capsys):
     assert e.value.code == 2 and "pretrain" in capsys.readouterr().err
 
 
-def test_the_config_beside_a_weight_file_is_used_and_checked(tmp_path):
-    import json
-    model = tiny(num_attention_heads=4)  # not visible in the tensors: only the .json can say it
+def write_card(model, path, tokenizer_dir=None, **config_changes):
+    from minimind.weights import config_path, model_card
+    card = model_card(model.config, load_tokenizer(tokenizer_dir), tokenizer_dir)
+    card["config"].update(config_changes)
+    config_path(path).write_text(json.dumps(card))
+
+
+def test_the_card_beside_a_weight_file_is_used_and_checked(tmp_path):
+    model = tiny(num_attention_heads=4)  # not visible in the tensors: only the card can say it
     path = save_fp16(model, tmp_path / "full_sft_64.pth")
-    (tmp_path / "full_sft_64.json").write_text(json.dumps(model.config.to_dict()))
+    write_card(model, path)
     loaded = load_model(path)
     assert loaded.config.num_attention_heads == 4
     ids = torch.randint(0, 6400, (1, 8))
@@ -166,9 +173,38 @@ def test_the_config_beside_a_weight_file_is_used_and_checked(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="contradicts"):
         load_model(path, num_attention_heads=8)
-    (tmp_path / "full_sft_64.json").write_text(json.dumps({**model.config.to_dict(), "num_hidden_layers": 3}))
+    write_card(model, path, num_hidden_layers=3)
     with pytest.raises(ValueError, match="num_hidden_layers 3 vs 2"):
         load_model(path)
+    (tmp_path / "full_sft_64.json").write_text('{"hidden_size": 64}')
+    with pytest.raises(ValueError, match="full_sft_64.json: not a model card"):
+        load_model(path)
+
+
+def test_the_card_picks_the_tokenizer_and_refuses_another(tmp_path):
+    from minimind.weights import load_tokenizer_for
+    bundled = load_tokenizer()
+    mine = tmp_path / "my_tokenizer"
+    bundled.save(mine)
+    spec = json.loads((mine / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, other ids: exactly the silent-garbage case
+    (mine / "tokenizer.json").write_text(json.dumps(spec))
+    model = tiny()
+    path = save_fp16(model, tmp_path / "full_sft_64.pth")
+    write_card(model, path, tokenizer_dir=mine)
+    assert load_tokenizer_for(path).fingerprint == load_tokenizer(mine).fingerprint != bundled.fingerprint
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        load_tokenizer_for(path, BUNDLED_TOKENIZER)
+    out = run_chat([str(path), "--prompt", "hi", "--temperature", "0", "--max_new_tokens", "4"])
+    assert out == chat(load_model(path), load_tokenizer(mine), [{"role": "user", "content": "hi"}],
+                       max_new_tokens=4, temperature=0.0) + "\n"
+    write_card(model, path, tokenizer_dir=mine)
+    import shutil
+    shutil.rmtree(mine)
+    with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
+        load_tokenizer_for(path)
 
 
 def test_a_state_dict_without_layers_is_named():

@@ -5,6 +5,7 @@ import torch
 
 from tests.train_helpers import demo_data, one_thread, tiny_flags  # noqa: F401  (fixtures)
 from minimind.model import MiniMindForCausalLM
+from minimind.tokenizer import load_tokenizer
 from train import pretrain, reason, sft
 
 # Under the Triton interpreter a step takes ~10 s on this 2-core CPU, so the triton runs take 2 smaller steps at a
@@ -102,14 +103,16 @@ def test_reason_demo_data_has_template_tags(demo_data):  # noqa: F811
 
 
 def test_a_trained_weight_file_opens_by_itself(demo_data, tmp_path):  # noqa: F811
-    """Every stage writes its config beside the weights, so minimind.weights.load_model (chat, serve, export) opens
-    the file without being told the shape: here 4 heads, which the tensors alone cannot show."""
-    from minimind.weights import config_path, load_model
+    """Every stage writes a model card beside the weights, so minimind.weights.load_model (chat, serve, export)
+    opens the file without being told the shape: here 4 heads, which the tensors alone cannot show."""
+    from minimind.weights import config_path, load_model, load_tokenizer_for, read_card
     result = sft.main(tiny_flags(tmp_path, demo_data["sft"], steps=1, extra=["--from_weight", "none"]))
     path = result["weights_path"]
     assert config_path(path).is_file()
     loaded = load_model(path)
     assert loaded.config == result["model"].config and loaded.config.num_attention_heads == 4
+    assert read_card(path)["tokenizer"] is None  # the bundled tokenizer
+    assert load_tokenizer_for(path).fingerprint == load_tokenizer().fingerprint
     trained = _model_from(path, result["model"]).eval()
     ids = torch.randint(0, loaded.config.vocab_size, (1, 12))
     with torch.no_grad():

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from minimind.config import PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
-from minimind.weights import config_path
+from minimind.weights import config_path, model_card
 from train import distributed
 from train.checkpoint import atomic_save, atomic_write_text, fp16_state_dict, rng_state, set_rng_state
 
@@ -755,8 +755,9 @@ def _train(stage, args, device, dist):
     def save(final=False):
         if dist.is_main:
             atomic_save(weights_fn(model, run), weights_path)
-            # MiniMind2's weight file is a bare state dict; the model's shape goes beside it (minimind.weights)
-            atomic_write_text(json.dumps(config.to_dict(), indent=1) + "\n", config_path(weights_path))
+            # MiniMind2's weight file is a bare state dict; shape and tokenizer go beside it (minimind.weights)
+            card = model_card(config, run.tokenizer, args.tokenizer)
+            atomic_write_text(json.dumps(card, indent=1) + "\n", config_path(weights_path))
         resume_state = dict(format="minimind-triton-resume/1", stage=stage.name, step=step, epoch=epoch,
                             epoch_batches=epoch_batches, tokens=tokens_total, loader=loader.state_dict(),
                             rng=rng_state(), config=config.to_dict(), world_size=W, finished=final,

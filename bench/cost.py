@@ -21,14 +21,20 @@ length was not measured: labelled). "ours" = the fastest of our variants (not mi
 
 RTX 3090 projections (labelled projections; 71 TFLOP/s dense bf16, 936 GB/s, 24 GB):
   roofline  split our measured step time t into matmul time t_mm = processed tokens x flops/token / R and the
-            rest, R = the bf16 matmul rate measured on this GPU (kernels.json; else 0.8 x the datasheet peak).
+            rest, R = the bf16 matmul rate measured on this GPU (kernels.json of the same device; else 0.8 x
+            the datasheet peak, and the table says so).
             t_3090 = t_mm x (peak_here / 71 TFLOP/s) + (t - t_mm) x (bandwidth_here / 936 GB/s), with the
-            datasheet peak and bandwidth of this GPU (an H200: 989 TFLOP/s, 4800 GB/s): the 3090 is assumed to
-            reach the same fractions of its datasheet rates as this GPU does. This treats the whole non-matmul
-            rest as memory traffic (conservative: launch and host overheads do not grow on a 3090); the
-            optimistic bound t_mm x (peak_here / 71) + (t - t_mm) treats it as pure overhead. Both are shown.
+            datasheet peak and bandwidth of this GPU (an H200 SXM: 989 TFLOP/s, 4800 GB/s): the 3090 is assumed
+            to reach the same fractions of its datasheet rates as this GPU does. This treats the whole rest as
+            memory traffic: conservative for launch and host overheads (they do not grow on a 3090), but not an
+            upper bound, since the rest also holds the matmul time lost below R at MiniMind's small widths, which
+            could grow by up to the compute ratio. The optimistic bound t_mm x (peak_here / 71) + (t - t_mm)
+            treats the rest as pure overhead. Both are shown.
   ratio     MiniMind2's published 3090 hours (for one epoch, as the README's table; x epochs) / our measured
-            speedup over the minimind2 step (useful tokens/s, same preset and sequence length, same run).
+            speedup over the minimind2 step (useful tokens/s, same preset and sequence length, same run); MiniMind
+            timed only pretrain and sft_mini_512, its other hours are its own size-based estimates. It
+            assumes the speedup carries over to a 3090; the part of it that removes launch overhead and host
+            syncs (the per-expert loop) is likely smaller on the slower 3090, so this projection leans optimistic.
 Target reported against: MiniMind2-Small pretrain + sft_mini_512 under 0.7 h on a 3090 and under 1 yuan.
 """
 import argparse
@@ -50,7 +56,7 @@ STAGES = {
                          published={"small": 1.0, "base": 3.3}),
     "sft_512": dict(file="sft_512.jsonl", gb=7.5, kind="sft", seq=512, lang="zh", work=1.0,
                     published={"small": 6.0, "base": 20.0}),
-    "sft_1024": dict(file="sft_1024.jsonl", gb=5.5, kind="sft", seq=1024, lang="mixed", work=1.0,
+    "sft_1024": dict(file="sft_1024.jsonl", gb=5.6, kind="sft", seq=1024, lang="mixed", work=1.0,
                      published={"small": 4.58, "base": 15.0}),
     "sft_2048": dict(file="sft_2048.jsonl", gb=9.0, kind="sft", seq=2048, lang="mixed", work=1.0,
                      published={"small": 7.5, "base": 25.0}),
@@ -60,8 +66,12 @@ STAGES = {
 HEADLINE = ("pretrain", "sft_mini_512")
 TARGET_HOURS, TARGET_YUAN = 0.7, 1.0
 RTX3090 = {"name": "RTX 3090", "tflops": 71.0, "GBps": 936.0, "memory_GiB": 24.0}
-DATASHEET = {"H200": (989.0, 4800.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0), "RTX 3090": (71.0, 936.0),
-             "RTX 4090": (165.0, 1008.0), "L40S": (362.0, 864.0)}  # dense bf16 TFLOP/s, GB/s
+# dense bf16 TFLOP/s, GB/s; matched by substring of the device name in this order, so the PCIe / NVL / 40 GB
+# versions (lower clocks or bandwidth) come before the SXM name they contain
+DATASHEET = {"H200 NVL": (835.0, 4800.0), "H100 NVL": (835.0, 3900.0), "H100 PCIe": (756.0, 2000.0),
+             "A100-SXM4-40GB": (312.0, 1555.0), "A100-PCIE-40GB": (312.0, 1555.0),
+             "H200": (989.0, 4800.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0), "RTX 3090": (71.0, 936.0),
+             "RTX 4090": (165.0, 1008.0), "L40S": (362.0, 864.0)}
 
 
 def estimate_tokens(stage):
@@ -121,8 +131,11 @@ def build(throughput, kernels=None, tokens=None, sources=None, epochs=None, pric
     env = throughput.get("env", {})
     here = _datasheet(env.get("device"))
     ceil = (kernels or {}).get("ceilings") or {}
-    matmul_rate = ceil.get("matmul_TFLOPs") * 1e12 if ceil.get("matmul_TFLOPs") else (
-        0.8 * here[0] * 1e12 if here else None)
+    if ceil.get("matmul_TFLOPs") and (kernels.get("env") or {}).get("device") == env.get("device"):
+        matmul_rate, rate_source = ceil["matmul_TFLOPs"] * 1e12, "the bf16 matmul rate measured here"
+    else:  # no kernels.json, or one measured on another device
+        matmul_rate = 0.8 * here[0] * 1e12 if here else None
+        rate_source = "assumed: 0.8 x this GPU's datasheet peak, no matmul rate measured on it"
     rows = []
     presets = [p for p in ("small", "base", "moe") if any(r.get("preset") == p for r in throughput.get("results", []))]
     for preset in presets:
@@ -171,7 +184,7 @@ def build(throughput, kernels=None, tokens=None, sources=None, epochs=None, pric
         headline[f"target_met_{method}"] = None if h is None else (h < TARGET_HOURS and y < TARGET_YUAN)
     return {"kind": "cost", "env": env, "price_per_hour": price, "bytes_per_token": BYTES_PER_TOKEN,
             "rtx3090": RTX3090, "here_datasheet": here,
-            "matmul_rate_TFLOPs": matmul_rate / 1e12 if matmul_rate else None,
+            "matmul_rate_TFLOPs": matmul_rate / 1e12 if matmul_rate else None, "matmul_rate_source": rate_source,
             "target": {"hours": TARGET_HOURS, "yuan": TARGET_YUAN, "stages": list(HEADLINE), "model": "small"},
             "headline": headline, "rows": rows, "method": __doc__.split("Tokens per stage")[1]}
 
@@ -212,8 +225,9 @@ def _method_line(doc):
     here, rate = doc.get("here_datasheet"), doc.get("matmul_rate_TFLOPs")
     roofline = ("not computed (no datasheet numbers for this GPU)" if not (here and rate) else
                 f"t_3090 = t_mm x {here[0]:.0f}/{RTX3090['tflops']:.0f} + (t - t_mm) x {here[1]:.0f}/"
-                f"{RTX3090['GBps']:.0f}, t = our measured step, t_mm = its FLOPs / {rate:.0f} TFLOP/s (the bf16 "
-                "matmul rate measured here); the optimistic bound (>=) leaves t - t_mm unscaled (launch-bound)")
+                f"{RTX3090['GBps']:.0f}, t = our measured step, t_mm = its FLOPs / {rate:.0f} TFLOP/s "
+                f"({doc.get('matmul_rate_source')}); the optimistic bound (>=) leaves t - t_mm unscaled "
+                "(launch-bound)")
     return (f"3090 roofline projection: {roofline}. Ratio projection: MiniMind2's published 3090 hours / our "
             "useful-token speedup over the minimind2 step measured in the same run.")
 

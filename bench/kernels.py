@@ -583,10 +583,10 @@ def main(argv=None):
         if bad:
             p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")
     if args.cpu_smoke:
+        if "triton" in (args.variants or VARIANTS):  # before report.environment() imports triton
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         device, act_dtype, sizes = torch.device("cpu"), torch.float32, CPU_SMOKE
         env = report.environment(label="CPU smoke run (tiny sizes; not a benchmark result)")
-        if "triton" in (args.variants or VARIANTS):
-            os.environ.setdefault("TRITON_INTERPRET", "1")
     elif torch.cuda.is_available():
         device, act_dtype, sizes = torch.device("cuda"), torch.bfloat16, Sizes()
         env = report.environment()

@@ -29,6 +29,8 @@ Useful tokens = non-pad tokens; the packed variants have no padding.
 Timing: `warmup` steps (compilation, autotuning, allocator warm-up; the first is reported as first_step_s), then
 the median over `repeats` steps, each between two torch.cuda.synchronize() calls. The batch is on the device
 already (data loading is not timed). Peak memory: torch.cuda.max_memory_allocated over the timed steps.
+fp16 rows count the timed steps whose GradScaler found an overflow and skipped AdamW (fp16_skipped_steps; the
+tables flag any): such a step is cheaper than a real one, which would flatter the minimind2 reference.
 
 MFU (the engine's formula, engine.default_flops_per_token): flops/token = 6 * N_matmul + 12 * L * d_attn * T,
 N_matmul = weights of every matmul a token goes through (attention, MLP or shared + top-k experts, lm_head),
@@ -169,13 +171,15 @@ def measure(cfg, variant, device, batch_size, seq_len, pad_fraction, warmup, rep
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, skipped = [], 0
     for _ in range(repeats):
+        scale = step.scaler.get_scale() if step.scaler else None
         _sync(device)
         t0 = time.perf_counter()
         loss = step(batch)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        skipped += bool(step.scaler and step.scaler.get_scale() < scale)  # the scaler backs off on a skipped step
     loss = float(loss)
     if not torch.isfinite(torch.tensor(loss)):
         raise FloatingPointError(f"the step's loss is {loss}")
@@ -187,7 +191,8 @@ def measure(cfg, variant, device, batch_size, seq_len, pad_fraction, warmup, rep
            "pad_fraction": 1 - useful / processed, "useful_tokens_per_s": useful / step_s,
            "processed_tokens_per_s": processed / step_s, "flops_per_token": flops_per_token,
            "achieved_TFLOPs": useful * flops_per_token / step_s / 1e12, "loss": loss,
-           "parameters": step.model.num_parameters(), "mfu": None, "peak_GiB": None}
+           "parameters": step.model.num_parameters(), "mfu": None, "peak_GiB": None,
+           "fp16_skipped_steps": skipped if step.scaler else None}
     if peak_flops:
         row["mfu"] = row["achieved_TFLOPs"] * 1e12 / peak_flops
     if device.type == "cuda":
@@ -218,6 +223,14 @@ def add_speedups(rows):
     return rows
 
 
+def _status(r):
+    if r["status"] != "ok":
+        return f"{r['status']}: {r.get('reason', '')[:80]}"
+    if r.get("fp16_skipped_steps"):  # the GradScaler skipped AdamW there: that step did less than MiniMind2's does
+        return f"ok, but {r['fp16_skipped_steps']} timed fp16 steps skipped the optimizer (overflow)"
+    return "ok"
+
+
 def markdown(doc):
     lines = ["## Training-step throughput", "", report.env_line(doc["env"]), "",
              f"One optimizer step (forward, backward, clip, AdamW) of the engine; median of {doc['repeats']} steps "
@@ -229,7 +242,7 @@ def markdown(doc):
             ("same-token speedup", "same_token_speedup"), ("MFU", lambda r: None if r.get("mfu") is None
                                                            else f"{100 * r['mfu']:.1f}%"),
             ("peak GiB", "peak_GiB"), ("first step s", "first_step_s"), ("loss", "loss"),
-            ("status", lambda r: r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')[:80]}")]
+            ("status", _status)]
     order = {name: i for i, name in enumerate(VARIANTS)}
     rows = sorted(doc["results"], key=lambda r: (r["seq_len"], ("small", "moe", "base").index(r["preset"]),
                                                  order[r["variant"]]))
@@ -250,6 +263,8 @@ def compact(doc):
             cell = f"{r['useful_tokens_per_s'] / 1e3:.0f}k {report.fmt(r.get('speedup'))}x"
             if r.get("mfu") is not None:
                 cell += f" {100 * r['mfu']:.0f}%"
+            if r.get("fp16_skipped_steps"):
+                cell += f" ({r['fp16_skipped_steps']} skipped)"
         else:
             cell = r["status"]
         cells.setdefault((r["preset"], r["seq_len"], r["batch_size"]), {})[r["variant"]] = cell
@@ -330,7 +345,9 @@ def main(argv=None):
             except torch.cuda.OutOfMemoryError as e:
                 row.update(status="oom", reason=str(e)[:300])
             except (RuntimeError, NotImplementedError, ImportError) as e:
-                status = "unavailable" if "unavailable" in str(e) or isinstance(e, ImportError) else "error"
+                # a backend that cannot run here, or lacks an op (kernels.backend: "the 'liger' backend has no ...")
+                unavailable = isinstance(e, ImportError) or "unavailable" in str(e) or "backend has no" in str(e)
+                status = "unavailable" if unavailable else "error"
                 row.update(status=status, reason=f"{type(e).__name__}: {str(e)[:300]}")
             except Exception as e:
                 row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")

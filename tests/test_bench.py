@@ -57,6 +57,18 @@ def test_kernels_cpu_smoke_every_op(tmp_path):
     assert "CPU smoke" in md and "| linear_cross_entropy |" in md and "| moe |" in md
 
 
+def test_kernels_cli_cpu_smoke_runs_triton(tmp_path):
+    """From the command line, without TRITON_INTERPRET set by the caller: the CLI sets it before anything imports
+    triton, so the Triton kernels run under the interpreter instead of failing."""
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-m", "bench.kernels", "--cpu-smoke", "--op", "swiglu", "--variants", "triton",
+                    "--warmup_ms", "1", "--rep_ms", "1", "--out", str(tmp_path)], env=env, cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    rows = json.loads((tmp_path / "kernels.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["ok"], rows
+
+
 def test_kernels_grouped_mm_moe_matches_the_loop():
     """The grouped-GEMM MoE baseline computes MiniMind2's loop (fp32 reference, fresh random inputs)."""
     if not kernels.grouped_mm_available():
@@ -107,6 +119,32 @@ def test_throughput_padding_and_plan():
     assert order[4] == (512, "small", "triton+compile") and len(order) == len(set(order)) == 12
 
 
+def test_throughput_counts_fp16_steps_that_skipped_the_optimizer(monkeypatch):
+    """A GradScaler that overflows on every step (scale 2^40) skips AdamW on each timed step: counted and flagged;
+    with the default scale nothing is skipped."""
+    from train import engine
+    cfg, device = throughput.tiny_config("small"), torch.device("cpu")
+    v = throughput.VARIANTS["minimind2"]  # fp16 + GradScaler (CPU autocast runs fp16 too)
+    row = throughput.measure(cfg, v, device, 2, 32, 0.5, warmup=1, repeats=2, peak_flops=None)
+    assert row["fp16_skipped_steps"] == 0
+    monkeypatch.setattr(engine, "grad_scaler", lambda dev: torch.amp.GradScaler(dev.type, init_scale=2.0 ** 40))
+    row = throughput.measure(cfg, v, device, 2, 32, 0.5, warmup=1, repeats=2, peak_flops=None)
+    assert row["fp16_skipped_steps"] == 2
+    row.update(preset="small", seq_len=32, batch_size=2, variant="minimind2", status="ok")
+    assert "2 timed fp16 steps skipped the optimizer" in throughput.markdown(
+        {"env": {}, "repeats": 2, "warmup": 1, "pad_fraction": 0.5, "peak_TFLOPs": None, "results": [row]})
+
+
+def test_throughput_backend_without_the_op_is_unavailable(tmp_path, monkeypatch):
+    """A backend missing an op (liger has no MoE) raises NotImplementedError: the row says unavailable, not
+    error."""
+    from kernels.backend import _missing
+    monkeypatch.setattr(throughput, "measure", lambda *args, **kwargs: _missing("liger", "moe_experts", "why")())
+    assert throughput.main(["--cpu-smoke", "--preset", "moe", "--variants", "torch", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "throughput.json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["unavailable"], rows
+
+
 def _throughput_doc(device="NVIDIA H200"):
     """A throughput file as bench.throughput writes it, with round numbers for hand computation."""
     def row(variant, preset, tok_s, step_ms, useful, flops_per_token=1e9):
@@ -119,7 +157,7 @@ def _throughput_doc(device="NVIDIA H200"):
 
 
 def test_cost_arithmetic_by_hand():
-    doc = cost.build(_throughput_doc(), kernels={"ceilings": {"matmul_TFLOPs": 800.0}},
+    doc = cost.build(_throughput_doc(), kernels={"env": {"device": "NVIDIA H200"}, "ceilings": {"matmul_TFLOPs": 800.0}},
                      tokens={"pretrain": 720_000_000, "sft_mini_512": 360_000_000}, epochs={"sft_mini_512": 2},
                      price=1.5)
     rows = {(r["model"], r["stage"]): r for r in doc["rows"]}
@@ -145,6 +183,25 @@ def test_cost_arithmetic_by_hand():
     assert rows[("small", "rlhf")]["tokens"] == pytest.approx(0.9e9 / 2.6)
     assert rows[("small", "rlhf")]["hours"] == pytest.approx(0.9e9 / 2.6 * 4 / 3 / 4e5 / 3600)
     assert "MISSED (projection)" in cost.markdown(doc)
+
+
+def test_cost_datasheet_and_matmul_rate_source():
+    """PCIe / NVL parts are not read as the SXM part whose name they contain; a matmul rate measured on another
+    device is not used, and the method line says the rate was assumed."""
+    assert cost._datasheet("NVIDIA H200") == (989.0, 4800.0)
+    assert cost._datasheet("NVIDIA H200 NVL") == (835.0, 4800.0)
+    assert cost._datasheet("NVIDIA H100 80GB HBM3") == (989.0, 3350.0)
+    assert cost._datasheet("NVIDIA H100 PCIe") == (756.0, 2000.0)
+    assert cost._datasheet("NVIDIA A100-SXM4-40GB") == (312.0, 1555.0)
+    assert cost._datasheet("NVIDIA A100-SXM4-80GB") == (312.0, 2039.0)
+    other = {"env": {"device": "NVIDIA A100-SXM4-80GB"}, "ceilings": {"matmul_TFLOPs": 250.0}}
+    for kernels_doc in (other, None):
+        doc = cost.build(_throughput_doc(), kernels=kernels_doc)
+        assert doc["matmul_rate_TFLOPs"] == pytest.approx(0.8 * 989)
+        assert "assumed" in cost._method_line(doc) and "measured here" not in cost._method_line(doc)
+    same = {"env": {"device": "NVIDIA H200"}, "ceilings": {"matmul_TFLOPs": 700.0}}
+    doc = cost.build(_throughput_doc(), kernels=same)
+    assert doc["matmul_rate_TFLOPs"] == pytest.approx(700.0) and "measured here" in cost._method_line(doc)
 
 
 def test_cost_cli_rejects_bad_pairs(tmp_path):

@@ -78,6 +78,15 @@ def test_peak_flops_is_unknown_on_cpu_unless_given():
     assert engine.peak_flops(torch.device("cpu"), 100.0) == 1e14
 
 
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+                                          ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                          ("NVIDIA GeForce RTX 3090", 71.0), ("Some Future GPU", None)])
+def test_peak_flops_takes_the_most_specific_name(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    got = engine.peak_flops(torch.device("cuda", 0))
+    assert got == (None if tflops is None else tflops * 1e12)
+
+
 def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     atomic_save({"x": torch.ones(3)}, path)

@@ -306,7 +306,7 @@ def lr_at(step, total, lr, warmup):
 # Dense bf16/fp16 tensor-core peak of one device, TFLOP/s (vendor datasheets, no sparsity). Matched by substring of
 # torch.cuda.get_device_name(), most specific first.
 PEAK_TFLOPS = [
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+    ("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
     ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
     ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("RTX A6000", 155.0), ("V100", 125.0), ("T4", 65.0),
 ]

@@ -28,6 +28,8 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default: the one the weights' .json card names, else the bundled one)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kernels", default="torch", choices=("torch", "triton", "liger"),
+                   help="op backend (triton: the fused kernels, on a GPU)")
     p.add_argument("--num_attention_heads", type=int, default=None,
                    help="only for a weight file without its .json config (then default 8, as in MiniMind2)")
 
@@ -46,7 +48,8 @@ def open_model(args):
     """(model, tokenizer) from the model flags; errors say which file or flag is wrong."""
     path = find_weights(args.weights, args.out_dir)
     tokenizer = load_tokenizer_for(path, args.tokenizer)
-    model = load_model(path, lora=args.lora, device=args.device, num_attention_heads=args.num_attention_heads)
+    model = load_model(path, lora=args.lora, kernels=args.kernels, device=args.device,
+                       num_attention_heads=args.num_attention_heads)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {path} only {model.config.vocab_size}; "
                          f"pass the --tokenizer it was trained with")
@@ -87,7 +90,7 @@ def main(argv=None):
     try:
         model, tokenizer, path = open_model(args)
         cfg = sampling_from_args(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: an unavailable --kernels
         p.error(str(e))
     generator = None
     if args.seed is not None:

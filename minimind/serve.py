@@ -265,7 +265,7 @@ def main(argv=None):
     try:
         model, tokenizer, path = open_model(args)
         defaults = sampling_from_args(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: an unavailable --kernels
         p.error(str(e))
     server = ChatServer((args.host, args.port), model, tokenizer, args.model_name or path.stem, defaults,
                         args.max_tokens_cap, args.verbose)

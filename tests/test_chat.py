@@ -210,3 +210,9 @@ def test_the_card_picks_the_tokenizer_and_refuses_another(tmp_path):
 def test_a_state_dict_without_layers_is_named():
     with pytest.raises(ValueError, match="weights.pth: not a MiniMind2 model"):
         config_from_state_dict({"model.embed_tokens.weight": torch.zeros(10, 8)}, name="weights.pth")
+
+
+def test_chat_on_the_triton_kernels_answers_like_torch(tmp_path):
+    path = save_fp16(tiny(), tmp_path / "full_sft_64.pth")
+    flags = ["--prompt", "Who is Ada?", "--temperature", "0", "--max_new_tokens", "5", "--device", "cpu"]
+    assert run_chat([str(path), *flags, "--kernels", "triton"]) == run_chat([str(path), *flags])

@@ -37,6 +37,30 @@ def test_deepspeed_zero_matches_the_plain_engine(zero, nproc, demo_data, tmp_pat
     assert ds_losses == pytest.approx([loss for _, loss in plain["losses"]], abs=1e-4)
 
 
+def test_zero2_stopped_on_two_processes_resumes_on_one(demo_data, tmp_path):  # noqa: F811
+    """ZeRO-2, 2 processes x 1 micro-step, stopped after 2 of 4 steps; resumed with 1 process x 2 micro-steps (the
+    tag converted to DeepSpeed's universal format first): the same weights as one plain process all along."""
+    ds = ["--deepspeed", ROOT / "train/configs/ds_zero2.json"]
+    argv = tiny_flags(tmp_path / "ds", demo_data["pretrain"], steps=4, batch_size=2, extra=[*ds, "--stop_after", 2])
+    r = run_module(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain",
+                    *argv], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    argv = tiny_flags(tmp_path / "ds", demo_data["pretrain"], steps=4, batch_size=2,
+                      extra=[*ds, "--accumulation_steps", 2, "--from_resume", 1])
+    r = run_module(["-m", "train.pretrain", *argv], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 2" in r.stdout and "saved by 2 process(es)" in r.stdout
+    folder = tmp_path / "ds" / "pretrain_64_resume_ds"
+    assert json.loads((folder / "latest.json").read_text())["world_size"] == 1
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["step4"]  # the conversion is cleaned up
+
+    plain = pretrain.main(tiny_flags(tmp_path / "plain", demo_data["pretrain"], steps=4, batch_size=2,
+                                     extra=["--accumulation_steps", "2"]))
+    ds_weights = torch.load(tmp_path / "ds" / "pretrain_64.pth", weights_only=True)
+    for k, v in plain["model"].state_dict().items():
+        torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")
+
+
 def test_a_resave_never_writes_into_the_tag_latest_names(demo_data, tmp_path):  # noqa: F811
     """Resuming a finished run saves the same step again: it goes to a new tag, then `latest` flips to it."""
     argv = tiny_flags(tmp_path, demo_data["pretrain"], steps=2, batch_size=2,

@@ -7,10 +7,13 @@ its state), and the engine sets its learning rate each step.
 
 Resume state is DeepSpeed's own sharded checkpoint (every process writes its part) in a folder; the folder's
 `latest` file names the complete tag and is replaced atomically only after every process has finished writing,
-so a crash mid-save leaves the previous tag in force.
+so a crash mid-save leaves the previous tag in force. A run resumed on another number of processes first converts
+that tag to DeepSpeed's universal checkpoint format (ZeRO's optimizer state unpartitioned), then loads it.
 """
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,13 +51,46 @@ def filled_config(path, args, world_size) -> dict:
     return cfg
 
 
-def initialize(step_module, trainable, optimizer, args, dist):
-    """Wrap the engine's step module and optimizer in a DeepSpeed engine. Returns (engine, wrapped optimizer)."""
+def initialize(step_module, trainable, optimizer, args, dist, resume_from=None):
+    """Wrap the engine's step module and optimizer in a DeepSpeed engine. Returns (engine, wrapped optimizer).
+    resume_from: the resume folder about to be loaded; saved by another number of processes, it is first converted
+    to DeepSpeed's universal format (`_universal_tag`), which the engine is then told to load."""
     import deepspeed
     config = filled_config(args.deepspeed, args, dist.world_size)
+    if resume_from is not None and _latest(resume_from)["world_size"] != dist.world_size:
+        _universal_tag(Path(resume_from), dist)
+        config.setdefault("checkpoint", {})["load_universal"] = True
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=step_module, model_parameters=trainable,
                                                       optimizer=optimizer, config=config)
     return engine, ds_optimizer
+
+
+def _latest(folder) -> dict:
+    from train.engine import ConfigError
+    try:
+        return json.loads((Path(folder) / "latest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--from_resume {folder}: not a DeepSpeed resume folder ({e})") from None
+
+
+def _universal_tag(folder, dist) -> str:
+    """Convert the tag `latest` names to {tag}_universal (ZeRO's optimizer state unpartitioned, so any number of
+    processes can load it; deepspeed.checkpoint.ds_to_universal, run once by process 0). Returns the new tag."""
+    from train.engine import ConfigError
+    tag = _latest(folder)["tag"]
+    out = folder / f"{tag}_universal"
+    if dist.is_main and not out.is_dir():
+        tmp = folder / f"{tag}_universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(folder / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                            "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ConfigError(f"--from_resume {folder}: converting {tag} for another number of processes failed:\n"
+                              + r.stderr[-2000:])
+        tmp.rename(out)  # complete or absent
+    distributed.barrier(dist)
+    return out.name
 
 
 def save_resume(engine, folder, state, dist):
@@ -67,7 +103,8 @@ def save_resume(engine, folder, state, dist):
     if dist.enabled:
         torch.distributed.broadcast_object_list(tag, src=0)  # every process writes its part under one tag
     tag = tag[0]
-    engine.save_checkpoint(str(folder), tag=tag, client_state={"engine_state": state}, save_latest=False)
+    engine.save_checkpoint(str(folder), tag=tag, save_latest=False,  # (the info lets ds_to_universal convert it)
+                           client_state={"engine_state": state, "universal_checkpoint_info": {}})
     distributed.barrier(dist)
     if dist.is_main:
         atomic_write_text(json.dumps({"tag": tag, "world_size": dist.world_size}), folder / "latest.json")
@@ -78,19 +115,13 @@ def save_resume(engine, folder, state, dist):
 
 
 def load_resume(engine, folder, dist) -> dict:
-    """Load the tag `latest.json` names; returns the engine state saved with it."""
+    """Load the tag `latest.json` names (its universal conversion when it was saved by another number of
+    processes; see initialize); returns the engine state saved with it."""
     from train.engine import ConfigError
     folder = Path(folder)
-    try:
-        latest = json.loads((folder / "latest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--from_resume {folder}: not a DeepSpeed resume folder ({e})") from None
-    if latest["world_size"] != dist.world_size:
-        raise ConfigError(f"--from_resume {folder}: saved by {latest['world_size']} processes; DeepSpeed's sharded "
-                          f"optimizer state needs the same number (got {dist.world_size}); resume without "
-                          "--deepspeed or with that many processes")
-    path, client = engine.load_checkpoint(str(folder), tag=latest["tag"])
+    latest = _latest(folder)
+    tag = latest["tag"] if latest["world_size"] == dist.world_size else f"{latest['tag']}_universal"
+    path, client = engine.load_checkpoint(str(folder), tag=tag)
     if path is None:
-        raise ConfigError(f"--from_resume {folder}: DeepSpeed could not load tag {latest['tag']}")
+        raise ConfigError(f"--from_resume {folder}: DeepSpeed could not load tag {tag}")
     return client["engine_state"]
-

@@ -712,7 +712,8 @@ def _train(stage, args, device, dist):
     ds_engine = ddp = None
     if args.deepspeed:
         from train import deepspeed_setup
-        ds_engine, optimizer = deepspeed_setup.initialize(step_module, trainable, optimizer, args, dist)
+        ds_engine, optimizer = deepspeed_setup.initialize(step_module, trainable, optimizer, args, dist,
+                                                          resume_from)
         if resume_from is not None:
             state = deepspeed_setup.load_resume(ds_engine, resume_from, dist)
             _check_resume(state, resume_from, stage, args, config)

@@ -8,7 +8,8 @@
 Modes: `chat` renders MiniMind2's ChatML template (SFT, DPO, reasoning and distilled models); `text` feeds
 <|im_start|> + the prompt and lets the model continue (pretrained models, which never saw the template).
 Each line typed is one user turn; `--history N` keeps the last N exchanges as context (0, MiniMind2's default,
-makes every question stand alone); `/reset` clears it; an empty line or end of input quits.
+makes every question stand alone); `/reset` clears it; an empty line or end of input quits. Ctrl-C stops a reply
+(it is not kept in the history); at the prompt it quits.
 """
 import argparse
 import sys
@@ -108,7 +109,7 @@ def main(argv=None):
         else:
             try:
                 prompt = input("> " if interactive else "")
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit
                 prompt = None
         if not prompt:
             return
@@ -117,7 +118,11 @@ def main(argv=None):
             continue
         if interactive:
             print("< ", end="", flush=True)
-        answer = reply(model, tokenizer, args.mode, system + history, prompt, cfg, generator)
+        try:
+            answer = reply(model, tokenizer, args.mode, system + history, prompt, cfg, generator)
+        except KeyboardInterrupt:  # Ctrl-C during a reply: drop it, keep the conversation, ask again
+            print(" [stopped]", flush=True)
+            continue
         if args.history > 0:
             history = (history + [{"role": "user", "content": prompt},
                                   {"role": "assistant", "content": answer}])[-2 * args.history:]

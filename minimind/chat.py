@@ -57,9 +57,17 @@ def open_model(args):
     return model, tokenizer, path
 
 
-def sampling_from_args(args) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+def parse_and_open(p: argparse.ArgumentParser, argv=None):
+    """Parse the flags and open the model: (args, model, tokenizer, weight path, SamplingConfig); a bad file or flag
+    ends with a usage error that says which."""
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, path = open_model(args)
+        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: an unavailable --kernels
+        p.error(str(e))
+    return args, model, tokenizer, path, cfg
 
 
 def reply(model, tokenizer, mode, history, prompt, cfg, generator, out=None):
@@ -87,12 +95,7 @@ def main(argv=None):
     p.add_argument("--history", type=int, default=0, help="earlier exchanges kept as context (chat mode)")
     p.add_argument("--prompt", action="append", default=None,
                    help="ask this and exit instead of reading input (repeat for several turns)")
-    args = p.parse_args(argv)
-    try:
-        model, tokenizer, path = open_model(args)
-        cfg = sampling_from_args(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: an unavailable --kernels
-        p.error(str(e))
+    args, model, tokenizer, path, cfg = parse_and_open(p, argv)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minimind.chat import add_model_args, add_sampling_args, open_model, sampling_from_args
+from minimind.chat import add_model_args, add_sampling_args, parse_and_open
 from minimind.generate import SamplingConfig, stream_text
 
 CHAT_PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
@@ -261,12 +261,7 @@ def main(argv=None):
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the weight file's name)")
     p.add_argument("--max_tokens_cap", type=int, default=2048, help="the most tokens one reply may have")
     p.add_argument("--verbose", action="store_true", help="log every request")
-    args = p.parse_args(argv)
-    try:
-        model, tokenizer, path = open_model(args)
-        defaults = sampling_from_args(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: an unavailable --kernels
-        p.error(str(e))
+    args, model, tokenizer, path, defaults = parse_and_open(p, argv)
     server = ChatServer((args.host, args.port), model, tokenizer, args.model_name or path.stem, defaults,
                         args.max_tokens_cap, args.verbose)
     host, port = server.server_address[:2]

@@ -1,4 +1,4 @@
-"""MiniMind2 models: config, model, tokenizer, data, generation."""
+"""MiniMind2 models: config, model, tokenizer, data, generation; chat, serving, export and evaluation of weight files."""
 
 __all__ = ["MiniMindConfig", "MiniMindForCausalLM"]
 

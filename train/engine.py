@@ -825,6 +825,7 @@ def _train(stage, args, device, dist):
             left_this_epoch = steps_per_epoch
             loader.set_epoch(epoch)
         save(final=not interrupted)
+        distributed.barrier(dist)  # leave together: no process tears the group down while another still saves
     finally:
         stop.uninstall()
         if bar is not None:

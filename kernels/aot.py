@@ -11,7 +11,7 @@ Adding a kernel (one function and one registry line):
 
     def _my_op_cases():
         from kernels import my_op as m                       # import inside, so a half-written file breaks only it
-        for shape in ...MiniMind2 shapes (see HIDDEN, HEADS, INTERMEDIATE, VOCAB, TOKENS)...:
+        for shape in ...MiniMind2 shapes (see HIDDEN, HEADS, VOCAB)...:
             block, warps = m.my_op_config(shape)             # the wrapper's own config helper: never re-derive it
             yield AOTCase(f"my_op_fwd[...]", m._my_op_fwd_kernel,
                           types={"X": "*bf16", "n": "i32", ...},   # every non-constexpr argument of the kernel
@@ -19,6 +19,8 @@ Adding a kernel (one function and one registry line):
 
     CASES["my_op"] = _my_op_cases      # (or add it to the dict literal below)
 
+A config may depend on the model's sizes, never on the number of tokens: under torch.compile a batch dimension
+that varies becomes symbolic, and a constexpr or num_warps cannot be (tests/test_compile_triton.py traces that).
 Cases that come out identical (same kernel, types, constexprs, warps, stages) are compiled once, so name a case by
 its configuration (BLOCK=..., dtypes), not by the shape that chose it. Pointers are compiled as 16-byte aligned
 (torch allocations are), and the int arguments listed in divisible_by_16 as multiples of 16, the way the JIT
@@ -40,9 +42,7 @@ TARGETS = (80, 86, 90)  # A100, RTX 3090 / A10, H100 / H200
 _PRESETS = [MiniMindConfig.from_preset(name) for name in PRESETS]
 HIDDEN = sorted({c.hidden_size for c in _PRESETS})                                    # 512, 640, 768
 HEADS = sorted({(c.num_attention_heads, c.num_key_value_heads, c.head_dim) for c in _PRESETS})  # D 64, 80, 96
-INTERMEDIATE = sorted({c.intermediate_size for c in _PRESETS})                        # 1408, 1728, 2048
 VOCAB = sorted({c.vocab_size for c in _PRESETS})                                      # 6400
-TOKENS = [2 ** p for p in range(4, 15)]                                               # 16 .. 16384
 # (activation dtype, weight dtype): mixed-precision training keeps fp32 weights; a bf16 model has bf16 weights.
 DTYPES = (("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16"))
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -105,35 +105,30 @@ def _rope_cases():
 
 def _swiglu_cases():
     from kernels import swiglu as m
-    for I in INTERMEDIATE:
-        for T in TOKENS:
-            block, warps = m.swiglu_config(T * I)
-            for xt, _ in DTYPES[:3]:
-                yield AOTCase(f"swiglu_fwd[BLOCK={block},{xt}]", m._swiglu_fwd_kernel,
-                              types={"G": f"*{xt}", "U": f"*{xt}", "Y": f"*{xt}", "n_elements": "i32"},
-                              constexprs={"BLOCK": block}, num_warps=warps, divisible_by_16=("n_elements",))
-                yield AOTCase(f"swiglu_bwd[BLOCK={block},{xt}]", m._swiglu_bwd_kernel,
-                              types={"DY": f"*{xt}", "G": f"*{xt}", "U": f"*{xt}", "DG": f"*{xt}", "DU": f"*{xt}",
-                                     "n_elements": "i32"},
-                              constexprs={"BLOCK": block}, num_warps=warps, divisible_by_16=("n_elements",))
+    block, warps = m.SWIGLU_CONFIG
+    for xt, _ in DTYPES[:3]:
+        yield AOTCase(f"swiglu_fwd[BLOCK={block},{xt}]", m._swiglu_fwd_kernel,
+                      types={"G": f"*{xt}", "U": f"*{xt}", "Y": f"*{xt}", "n_elements": "i32"},
+                      constexprs={"BLOCK": block}, num_warps=warps, divisible_by_16=("n_elements",))
+        yield AOTCase(f"swiglu_bwd[BLOCK={block},{xt}]", m._swiglu_bwd_kernel,
+                      types={"DY": f"*{xt}", "G": f"*{xt}", "U": f"*{xt}", "DG": f"*{xt}", "DU": f"*{xt}",
+                             "n_elements": "i32"},
+                      constexprs={"BLOCK": block}, num_warps=warps, divisible_by_16=("n_elements",))
 
 
 def _linear_cross_entropy_cases():
-    import torch
     from kernels import linear_cross_entropy as m
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for V in VOCAB:
-        for T in TOKENS:
-            for xt, dtype in dtypes.items():
-                block_r, block_v, warps = m.cross_entropy_config(min(T, m._chunk_rows(T, V, dtype)), V)
-                for write_grad in (False, True):
-                    yield AOTCase(f"cross_entropy_rows[V={V},R={block_r},{xt}{',grad' if write_grad else ''}]",
-                                  m._cross_entropy_rows_kernel,
-                                  types={"logits_ptr": f"*{xt}", "stride_row": "i32", "labels_ptr": "*i64",
-                                         "coef_ptr": "*fp32", "loss_ptr": "*fp32", "n_rows": "i32", "n_vocab": "i32",
-                                         "ignore_index": "i32", "z_loss": "fp32"},
-                                  constexprs={"WRITE_GRAD": write_grad, "BLOCK_R": block_r, "BLOCK_V": block_v},
-                                  num_warps=warps, divisible_by_16=("stride_row", "n_vocab") if V % 16 == 0 else ())
+        block_r, block_v, warps = m.cross_entropy_config(V)
+        for xt in ("bf16", "fp16", "fp32"):
+            for write_grad in (False, True):
+                yield AOTCase(f"cross_entropy_rows[V={V},R={block_r},{xt}{',grad' if write_grad else ''}]",
+                              m._cross_entropy_rows_kernel,
+                              types={"logits_ptr": f"*{xt}", "stride_row": "i32", "labels_ptr": "*i64",
+                                     "coef_ptr": "*fp32", "loss_ptr": "*fp32", "n_rows": "i32", "n_vocab": "i32",
+                                     "ignore_index": "i32", "z_loss": "fp32"},
+                              constexprs={"WRITE_GRAD": write_grad, "BLOCK_R": block_r, "BLOCK_V": block_v},
+                              num_warps=warps, divisible_by_16=("stride_row", "n_vocab") if V % 16 == 0 else ())
 
 
 def _moe_cases():

@@ -70,13 +70,14 @@ def _cross_entropy_rows_kernel(logits_ptr, stride_row, labels_ptr, coef_ptr, los
             tl.store(row_ptrs + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def cross_entropy_config(n_rows, n_vocab, tile=None):
-    """(BLOCK_R, BLOCK_V, num_warps) for a chunk of n_rows x n_vocab logits. A program handles a tile of up to
-    `tile` logits: 8192 on a GPU (16 per thread, about 40 registers, no spills), 64K under the interpreter, where
-    each program costs Python overhead."""
+def cross_entropy_config(n_vocab, tile=None):
+    """(BLOCK_R, BLOCK_V, num_warps) for rows of n_vocab logits. A program handles a tile of up to `tile` logits:
+    8192 on a GPU (16 per thread, about 40 registers, no spills), 64K under the interpreter, where each program
+    costs Python overhead. Not sized from the row count, which torch.compile makes symbolic when batch shapes vary
+    (a launch option cannot be symbolic); a chunk of fewer rows masks the rest."""
     tile = tile or (1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 8192)
     block_v = min(triton.next_power_of_2(n_vocab), 8192)
-    block_r = max(1, min(triton.next_power_of_2(n_rows), tile // block_v))
+    block_r = max(1, tile // block_v)
     return block_r, block_v, max(4, min(16, block_r * block_v // 512))
 
 
@@ -89,7 +90,7 @@ def _cross_entropy_rows(logits, labels, loss, ignore_index, z_loss, coef=None):
     """Writes the per-row raw loss of logits (n, V) into loss (n,) fp32; with coef (n,) fp32, also overwrites the
     logits by the gradient."""
     n, V = logits.shape
-    block_r, block_v, num_warps = cross_entropy_config(n, V)
+    block_r, block_v, num_warps = cross_entropy_config(V)
     _cross_entropy_rows_kernel[(triton.cdiv(n, block_r),)](
         logits, logits.stride(0), labels, loss if coef is None else coef, loss, n, V, ignore_index, float(z_loss),
         WRITE_GRAD=coef is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps)
@@ -213,11 +214,12 @@ def _check(hidden, weight, labels, token_weights=None):
 
 
 def _check_labels(labels, ignore_index, n_vocab):
-    """A label outside [0, V) would make the kernel read outside the logits. On CUDA the check is a device-side
-    assertion (as the reference's gather), so the training step does not wait for the GPU here."""
+    """A label outside [0, V) would make the kernel read outside the logits. On CUDA (and under torch.compile,
+    which cannot branch on a tensor's value) the check is a device-side assertion, as the reference's gather, so
+    the training step does not wait for the GPU here."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
     message = f"kernels/linear_cross_entropy.py: labels must be in [0, {n_vocab}) or ignore_index ({ignore_index})"
-    if labels.is_cuda:
+    if labels.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), message)
     elif bool(bad.any()):
         raise ValueError(f"{message}; found {labels[bad][:5].tolist()}")

@@ -32,10 +32,9 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_elements, BLOCK: tl.constexpr):
     tl.store(DG + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
 
 
-def swiglu_config(n_elements):
-    """(BLOCK, num_warps): blocks of up to 4096 elements, 16 per thread."""
-    block = min(4096, max(128, triton.next_power_of_2(n_elements)))
-    return block, max(1, min(8, block // 512))
+# (BLOCK, num_warps): 4096 elements per program, 16 per thread. Fixed, not sized from the element count, which
+# torch.compile makes symbolic when batch shapes vary (a launch option cannot be symbolic).
+SWIGLU_CONFIG = (4096, 8)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -45,7 +44,7 @@ class SwiGLUFunction(torch.autograd.Function):
         y = torch.empty_like(g)
         n = g.numel()
         if n:
-            block, warps = swiglu_config(n)
+            block, warps = SWIGLU_CONFIG
             _swiglu_fwd_kernel[(triton.cdiv(n, block),)](g, u, y, n, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(g, u)
         return y
@@ -57,7 +56,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         if n:
-            block, warps = swiglu_config(n)
+            block, warps = SWIGLU_CONFIG
             _swiglu_bwd_kernel[(triton.cdiv(n, block),)](dy, g, u, dg, du, n, BLOCK=block, num_warps=warps)
         return dg, du
 

@@ -8,7 +8,8 @@ SwiGLU MLP, tied embeddings, and the same key names. So export is a config plus 
 
     config.json             LlamaForCausalLM, vocab/hidden/intermediate/layers/heads/kv heads, rope_theta,
                             rms_norm_eps, tie_word_embeddings, bos 1 / eos 2 / pad 0
-    model.safetensors       model.* tensors (lm_head is tied to model.embed_tokens, so it is not stored twice)
+    model.safetensors       model.* tensors in --dtype (fp16: the weight file's own); lm_head is tied to
+                            model.embed_tokens, so it is not stored twice
     tokenizer.json, tokenizer_config.json    the tokenizer and MiniMind2's chat template
     generation_config.json  eos <|im_end|>, the sampling defaults of minimind.generate
 
@@ -63,10 +64,10 @@ def llama_config(cfg, dtype: torch.dtype) -> dict:
     }
 
 
-def export(weights, out_dir, lora=None, tokenizer=None, dtype="bf16", num_attention_heads=None) -> Path:
+def export(weights, out_dir, lora=None, tokenizer=None, dtype="fp16", num_attention_heads=None) -> Path:
     """Write the Hugging Face folder for a weight file (+ optional LoRA adapter, merged). Returns the folder."""
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise ImportError("export writes safetensors: pip install safetensors (or -e '.[hf]')") from None
     if dtype not in DTYPES:
@@ -80,7 +81,9 @@ def export(weights, out_dir, lora=None, tokenizer=None, dtype="bf16", num_attent
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # written here, not by safetensors' save_file, which makes the file owner-only (0600) where the other files get
+    # the umask's mode: a server running as another user must be able to read the weights too
+    (out / "model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     s = SamplingConfig()
     generation = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
@@ -100,7 +103,8 @@ def main(argv=None):
     p.add_argument("--lora", default=None, help="a LoRA adapter file to merge in first")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default: the one the weights' .json card names, else the bundled one)")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES),
+                   help="fp16 (default) keeps MiniMind2's fp16 weight files exactly; bf16 rounds them")
     p.add_argument("--num_attention_heads", type=int, default=None,
                    help="only for a weight file without its .json config (then default 8, as in MiniMind2)")
     args = p.parse_args(argv)

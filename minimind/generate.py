@@ -27,7 +27,7 @@ GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
 class SamplingConfig:
     max_new_tokens: int = 256
     temperature: float = 0.85  # 0 (or below 1e-5, where logits / T would overflow) = greedy
-    top_p: float = 0.85  # 1 = off
+    top_p: float = 0.85  # 1 = off, 0 = only the most likely token (as OpenAI's API allows)
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off; CTRL-style: a seen token's logit is divided (>0) or multiplied (<0)
     eos_token_id: Optional[int] = 2
@@ -39,8 +39,8 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
@@ -67,6 +67,7 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability mass of the tokens ranked above each one
         drop_sorted = before >= top_p  # the set is already complete without this token
+        drop_sorted[:, 0] = False  # the most likely token stays, even for top_p = 0
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

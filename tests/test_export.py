@@ -71,6 +71,10 @@ def test_dtype_and_lora_merge(tmp_path):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    stored = torch.load(path)  # the default, fp16, is the weight file's tensors exactly
+    with safe_open(str(export(path, tmp_path / "hf_default") / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == stored.keys() - {"lm_head.weight"}
+        assert all(torch.equal(f.get_tensor(k), stored[k]) for k in f.keys())
 
 
 def test_moe_is_refused_and_the_cli_names_problems(tmp_path, capsys):
@@ -84,3 +88,11 @@ def test_moe_is_refused_and_the_cli_names_problems(tmp_path, capsys):
     save_fp16(tiny(), tmp_path / "rlhf_64.pth")
     export_main(["rlhf", "--out_dir", str(tmp_path), "--out", str(tmp_path / "hf")])
     assert "wrote" in capsys.readouterr().out and (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_the_weights_file_is_as_readable_as_the_rest_of_the_folder(tmp_path):
+    # safetensors' save_file creates its file owner-only (0600): a server running as another user could read the
+    # config and the tokenizer but not the weights. The folder's files all get the usual mode (the umask's).
+    folder = export(save_fp16(tiny(), tmp_path / "w.pth"), tmp_path / "hf")
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in folder.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes

@@ -96,6 +96,7 @@ def test_filter_logits_top_p_and_top_k():
     assert kept(filter_logits(logits, top_p=0.8)) == [False, True, False, True]  # exactly 0.8 is enough
     assert kept(filter_logits(logits, top_p=0.81)) == [False, True, True, True]
     assert kept(filter_logits(logits, top_p=0.4)) == [False, True, False, False]  # the top token is always kept
+    assert kept(filter_logits(logits, top_p=0.0)) == [False, True, False, False]  # as the OpenAI API's top_p 0
     assert kept(filter_logits(logits, top_k=2)) == [False, True, False, True]
     assert kept(filter_logits(logits, top_k=3, top_p=1.0)) == [False, True, True, True]
 
@@ -146,7 +147,7 @@ def test_repetition_penalty_ignores_left_pads():
 def test_bad_arguments():
     model = peaked_model()
     with pytest.raises(ValueError, match="top_p"):
-        generate(model, torch.ones(1, 3, dtype=torch.long), top_p=0.0)
+        generate(model, torch.ones(1, 3, dtype=torch.long), top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, torch.ones(1, 3, dtype=torch.long), temperature=-1)
     with pytest.raises(ValueError, match="at least one token"):

@@ -93,7 +93,7 @@ def test_a_seed_makes_sampling_repeatable(server):
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages[1].role"),
     ({"messages": QUESTION, "temperature": -1}, "temperature"),
-    ({"messages": QUESTION, "top_p": 0}, "top_p"),
+    ({"messages": QUESTION, "top_p": 1.5}, "top_p"),
     ({"messages": QUESTION, "max_tokens": "many"}, "max_tokens"),
     ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
     ({"messages": QUESTION, "stream": "yes"}, "stream"),

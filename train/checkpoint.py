@@ -2,7 +2,10 @@
 
 Every file is written to a temporary name in the same folder, flushed and fsync'ed, then renamed over the target
 with os.replace (atomic on POSIX and Windows): a crash mid-save leaves the previous file intact, never a torn one.
+A process killed mid-save (kill -9, power loss) cannot delete its temporary file; the next write of the same target
+deletes it (`.{name}.tmp-{pid}` of a process that no longer exists).
 """
+import glob
 import os
 import random
 from pathlib import Path
@@ -16,6 +19,7 @@ def _atomic_write(path, mode, write):
     any moment leaves either the old file or the new one, never a torn one. Returns the Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -28,6 +32,28 @@ def _atomic_write(path, mode, write):
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temps(path):
+    """Delete the temporary files of `path` (`.{name}.tmp-{pid}`) left by processes that no longer exist, i.e. were
+    killed mid-write. A live process's file (another pid, still running) is left alone."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    if os.name == "nt":  # os.kill there terminates the process instead of asking: keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (PermissionError), or cannot be asked: keep its file
+        return True
+    return True
 
 
 def atomic_save(obj, path):

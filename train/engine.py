@@ -393,19 +393,39 @@ def _seq_len(batch) -> int:
 
 
 class MetricsLog:
-    """{out_dir}/{stage}_metrics.jsonl (appended, so a resumed run continues it) and optionally wandb."""
+    """{out_dir}/{stage}_metrics.jsonl, one JSON record per logged step, and optionally wandb.
 
-    def __init__(self, path, args, stage_name, enabled):
+    A fresh run (resume_step None) starts an empty log. A resumed run continues it from its checkpoint's step: the
+    records of later steps are dropped first, since a run killed after its last checkpoint had logged steps that the
+    resumed run does again (and a kill mid-write may have left a torn last line). So every step appears once."""
+
+    def __init__(self, path, args, stage_name, enabled, resume_step=None):
         self.path, self.enabled, self.wandb = Path(path), enabled, None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            self._keep_until(resume_step)
         if args.use_wandb:
             import wandb  # lazy: only with --use_wandb
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=args.wandb_project, name=f"{stage_name}-{args.save_weight}",
                                     config={k: v for k, v in vars(args).items() if _jsonable(v)}, mode=mode,
                                     dir=str(self.path.parent))
+
+    def _keep_until(self, step):
+        """Rewrite the log (atomically) with only its whole records of steps <= step."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        atomic_write_text("".join(kept), self.path)
 
     def write(self, record):
         if not self.enabled:
@@ -744,10 +764,8 @@ def _train(stage, args, device, dist):
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
-    metrics_path = out_dir / f"{stage.name}_metrics.jsonl"
-    if state is None and dist.is_main and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
-    metrics_log = MetricsLog(metrics_path, args, stage.name, dist.is_main)
+    metrics_log = MetricsLog(out_dir / f"{stage.name}_metrics.jsonl", args, stage.name, dist.is_main,
+                             resume_step=None if state is None else step)
     peak = peak_flops(device, args.peak_tflops)
     flops_fn = run_flops_per_token(stage, model, run)
     tokens_fn = stage.tokens or default_tokens

@@ -14,11 +14,13 @@ The folder is `<file>.tokcache/<kind>-<tokenizer hash>/` beside the data (or und
 source's size, mtime and the hashes of its first and last MiB match, and rebuilt otherwise. Building streams the file
 in blocks of lines to worker processes (tokenisation in parallel) and appends their output to the arrays in file
 order, so memory holds a few blocks, never the file. A file lock lets concurrent processes (DDP ranks, parallel
-tests) share one build; the result appears atomically (built in a temporary folder, then renamed).
+tests) share one build; the result appears atomically (built in a temporary folder, then renamed), and the next
+build removes what a builder killed mid-way left behind.
 
     python -m minimind.data --kind sft --data sft_512.jsonl --workers 8     # build ahead of training
 """
 import fcntl
+import glob
 import hashlib
 import json
 import multiprocessing as mp
@@ -160,8 +162,10 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
     if tokenizer.vocab_size > 65536:
         raise ValueError(f"vocab size {tokenizer.vocab_size} does not fit the uint16 token cache")
     t0 = time.time()
+    # the caller holds the folder's lock, so every temporary folder of it is from a builder that was killed mid-way
+    for stale in folder.parent.glob(f"{glob.escape(folder.name)}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     has_mask = kind != "pretrain"
     lengths, firsts, n_records, n_skipped, kept_errors = [], [], 0, 0, []

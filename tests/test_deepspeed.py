@@ -44,7 +44,7 @@ def test_zero2_stopped_on_two_processes_resumes_on_one(demo_data, tmp_path):  # 
     argv = tiny_flags(tmp_path / "ds", demo_data["pretrain"], steps=4, batch_size=2, extra=[*ds, "--stop_after", 2])
     r = run_module(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain",
                     *argv], timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 1, r.stderr[-3000:]  # stopped (exit 130 on each process): torchrun reports a failure
     argv = tiny_flags(tmp_path / "ds", demo_data["pretrain"], steps=4, batch_size=2,
                       extra=[*ds, "--accumulation_steps", 2, "--from_resume", 1])
     r = run_module(["-m", "train.pretrain", *argv], timeout=400)

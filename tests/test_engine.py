@@ -10,7 +10,7 @@ import torch
 from minimind.config import MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from tests.train_helpers import demo_data, one_thread, run_module, tiny_flags  # noqa: F401  (fixtures)
-from train import engine, pretrain, sft
+from train import distill, dpo, engine, pretrain, sft
 from train.checkpoint import atomic_save
 from train.engine import ConfigError
 
@@ -114,6 +114,12 @@ def test_errors_name_the_flag_or_file_before_training(demo_data, tmp_path):  # n
           extra=["--from_weight", "pretrain"])
     fails(r"--from_weight .*missing.pth: no such file", extra=["--from_weight", tmp_path / "missing.pth"])
     fails(r"--dtype fp16 needs a CUDA device", extra=["--dtype", "fp16"])
+    if not torch.cuda.is_available():
+        fails(r"--kernels liger: kernels='liger' is unavailable", extra=["--kernels", "liger"])
+    fails(r"--ref_weight nothere: no such file .*nothere_64.pth", stage=dpo, data=demo_data["dpo"],
+          extra=["--ref_weight", "nothere", "--from_weight", "none"])
+    fails(r"--teacher_weight nothere: no such file .*nothere_64.pth", stage=distill, data=demo_data["sft"],
+          extra=["--teacher_weight", "nothere", "--teacher_hidden_size", "64", "--from_weight", "none"])
     fails(r"--accumulation_steps must be >= 1", extra=["--accumulation_steps", "0"])
     fails(r"--deepspeed .*nope.json: no such file", extra=["--deepspeed", tmp_path / "nope.json"])
     fails(r"--tokenizer .*: ", extra=["--tokenizer", tmp_path])
@@ -128,6 +134,13 @@ def test_errors_name_the_flag_or_file_before_training(demo_data, tmp_path):  # n
           stage=sft, data=demo_data["sft"], extra=["--from_weight", "pretrain"])
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     fails(r"junk.pth: not a readable checkpoint", extra=["--from_weight", tmp_path / "junk.pth"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case")
+def test_triton_kernels_on_the_cpu_need_the_interpreter(demo_data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="--kernels triton.* only under the interpreter|--kernels triton.*Triton's interpreter"):
+        pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], extra=["--kernels", "triton"]))
 
 
 def test_bad_flag_on_the_command_line_is_a_usage_error(tmp_path):

@@ -15,6 +15,7 @@ pretrain_128.pth, full_sft_128.pth, rlhf_128.pth, reason_128.pth.
 """
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -131,6 +132,9 @@ def main(argv=None):
         name = stage.STAGE.name
         print(f"\n### {name}: python -m train.{name} --data_path {paths[data_key]} " + " ".join(flags))
         result = stage.main([*common, *flags, "--data_path", str(paths[data_key])])
+        if result["interrupted"]:  # Ctrl-C: the stage saved its resume state; the next stage must not start
+            print(f"demo stopped during {name}", file=sys.stderr)
+            sys.exit(engine.STOPPED_EXIT_STATUS)
         print(f"{name}: {result['steps']} steps, {result['seconds']:.1f}s, {result['tokens_per_s']:.0f} tokens/s, "
               f"final loss {result['final_loss']:.4f} -> {result['weights_path']}")
         if not args.no_eval:

@@ -80,8 +80,8 @@ def prepare(model, run):
         raise engine.ConfigError(f"need 0 <= --alpha <= 1, --temperature > 0, --distill_chunk >= 1; got "
                                  f"{args.alpha}, {args.temperature}, {args.distill_chunk}")
     cfg = teacher_config(args, run.config)
-    teacher = run.add_frozen("teacher", run.build_model(
-        config=cfg, weights=None if args.teacher_weight == "none" else args.teacher_weight))
+    weights = None if args.teacher_weight == "none" else args.teacher_weight
+    teacher = run.add_frozen("teacher", run.build_model(config=cfg, weights=weights, flag="--teacher_weight"))
     run.log(f"teacher: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers{' moe' if cfg.use_moe else ''}, "
             f"{teacher.num_parameters():,} parameters; student {model.num_parameters():,}")
     return model

@@ -58,7 +58,7 @@ def precompute_reference(ref, run):
 def prepare(model, run):
     args = run.args
     if args.ref_weight:
-        ref = run.build_model(weights=args.ref_weight)
+        ref = run.build_model(weights=args.ref_weight, flag="--ref_weight")
     else:
         ref = copy.deepcopy(model)  # the policy as loaded (prepare runs before any resume state is applied)
     ref = run.add_frozen("ref", ref)

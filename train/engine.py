@@ -56,6 +56,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from kernels import get_backend
 from minimind.config import PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.weights import config_path, model_card
@@ -182,14 +183,15 @@ def weight_file_name(prefix: str, config: MiniMindConfig) -> str:
     return f"{prefix}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
 
 
-def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig) -> Optional[Path]:
-    """'none' -> None; a stage prefix -> OUT_DIR/{prefix}_{hidden}[_moe].pth; else a path. The file must exist."""
+def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig, flag="--from_weight") -> Optional[Path]:
+    """'none' -> None; a stage prefix -> OUT_DIR/{prefix}_{hidden}[_moe].pth; else a path. The file must exist
+    (the error names `flag`, the command-line flag the value came from)."""
     if name_or_path in (None, "", "none"):
         return None
     looks_like_path = name_or_path.endswith((".pth", ".pt")) or os.sep in name_or_path or "/" in name_or_path
     path = Path(name_or_path) if looks_like_path else Path(out_dir) / weight_file_name(name_or_path, config)
     if not path.is_file():
-        raise ConfigError(f"--from_weight {name_or_path}: no such file {path}"
+        raise ConfigError(f"{flag} {name_or_path}: no such file {path}"
                           + ("" if looks_like_path else " (run the stage that writes it first, or pass a path)"))
     return path
 
@@ -273,11 +275,12 @@ class Run:
         """The models in run.extras (registered there by add_frozen): the ones MFU counts one forward of."""
         return [m for m in self.extras.values() if isinstance(m, nn.Module)]
 
-    def build_model(self, config=None, weights=None, kernels=None):
-        """A MiniMindForCausalLM on this run's device (fp32 params); weights: None | stage prefix | path."""
+    def build_model(self, config=None, weights=None, kernels=None, flag="--from_weight"):
+        """A MiniMindForCausalLM on this run's device (fp32 params); weights: None | stage prefix | path, given by
+        the command-line `flag` (named in errors)."""
         config = config or self.config
         model = MiniMindForCausalLM(config, kernels=kernels or self.args.kernels, attn=self.args.attn)
-        path = resolve_weights(weights, self.out_dir, config) if weights else None
+        path = resolve_weights(weights, self.out_dir, config, flag) if weights else None
         if path is not None:
             load_weights(model, path)
         return model.to(self.device)
@@ -548,6 +551,13 @@ def _check_args(args, stage):
                           "needs loss scaling); use --dtype bf16 or fp32 on the CPU")
     if args.kernels is None:
         args.kernels = "triton" if device.type == "cuda" else "torch"
+    try:
+        get_backend(args.kernels)
+    except RuntimeError as e:
+        raise ConfigError(f"--kernels {args.kernels}: {e}") from None
+    if args.kernels != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"--kernels {args.kernels} on --device {args.device} runs only under Triton's interpreter "
+                          "(TRITON_INTERPRET=1, slow: for tests); use --kernels torch on the CPU")
     if args.deepspeed:
         if not Path(args.deepspeed).is_file():
             raise ConfigError(f"--deepspeed {args.deepspeed}: no such file")
@@ -567,18 +577,27 @@ def _check_args(args, stage):
     return device
 
 
+# exit status of a command-line run stopped before its last step (SIGINT, SIGTERM, --stop_after) after saving its
+# resume state: not 0, so `pretrain && sft` does not go on with unfinished weights (130 = 128 + SIGINT, as shells do)
+STOPPED_EXIT_STATUS = 130
+
+
 def main(stage: Stage, argv=None) -> dict:
     """Parse the flags (argv=None: the command line) and train. On the command line a ConfigError prints as a
-    usage error (exit 2); called with an argv list it is raised."""
+    usage error (exit 2) and a stopped run exits with STOPPED_EXIT_STATUS; called with an argv list, the error is
+    raised and the result (its "interrupted" set) returned."""
     parser = build_parser(stage)
     args = parser.parse_args(argv)
     from minimind.data import DataError
     try:
-        return train(stage, args)
+        result = train(stage, args)
     except (ConfigError, DataError) as e:
         if argv is not None:
             raise
         parser.error(str(e))
+    if argv is None and result["interrupted"]:
+        sys.exit(STOPPED_EXIT_STATUS)
+    return result
 
 
 def train(stage: Stage, args) -> dict:

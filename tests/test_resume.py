@@ -36,7 +36,11 @@ def test_interrupted_then_resumed_run_is_bit_identical(demo_data, tmp_path):  # 
     a, b = _params(straight["model"]), _params(second["model"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     with open(tmp_path / "b" / "sft_metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # elapsed_s counts training time over both runs: it goes on from the stopped run's, not from 0
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[2] >= state["elapsed_s"] >= elapsed[1] > 0
 
 
 def test_sigterm_saves_resume_state_and_exits_cleanly(demo_data, tmp_path):  # noqa: F811

@@ -506,8 +506,9 @@ def _fmt_mfu(mfu):
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
-def _log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W, dist, t_start):
-    """Average loss and metrics over the step's micro-batches and the processes; throughput since the last log."""
+def _log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W, dist, t_origin):
+    """Average loss and metrics over the step's micro-batches and the processes; throughput since the last log;
+    elapsed_s = seconds of training since t_origin (which a resumed run moves back by its earlier runs' time)."""
     names = sorted(metric_sums)
     values = [loss.float().reshape(())] + [torch.as_tensor(metric_sums[k], dtype=torch.float32,
                                                            device=loss.device).reshape(()) / A for k in names]
@@ -519,7 +520,7 @@ def _log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W,
     window.update(t=now, tokens=0, flops=0.0)
     record = dict(step=step, epoch=epoch, loss=means[0], lr=lr, tokens_per_s=tokens / dt,
                   mfu=(flops / dt / (peak * W)) if peak else None,
-                  grad_norm=None if grad_norm is None else float(grad_norm), elapsed_s=now - t_start)
+                  grad_norm=None if grad_norm is None else float(grad_norm), elapsed_s=now - t_origin)
     record.update(zip(names, means[1:]))
     return means[0], record
 
@@ -764,10 +765,10 @@ def _train(stage, args, device, dist):
     else:
         wrapped = step_module
 
-    step, epoch, epoch_batches, tokens_total = 0, 0, 0, 0
+    step, epoch, epoch_batches, tokens_total, seconds_before = 0, 0, 0, 0, 0.0
     if state is not None:
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
-        tokens_total = state.get("tokens", 0)
+        tokens_total, seconds_before = state.get("tokens", 0), state.get("elapsed_s", 0.0)
         try:
             loader.load_state_dict(state["loader"])
         except ValueError as e:  # another data file, --seed or packing: the saved position means other batches
@@ -798,6 +799,7 @@ def _train(stage, args, device, dist):
             atomic_write_text(json.dumps(card, indent=1) + "\n", config_path(weights_path))
         resume_state = dict(format="minimind-triton-resume/1", stage=stage.name, step=step, epoch=epoch,
                             epoch_batches=epoch_batches, tokens=tokens_total, loader=loader.state_dict(),
+                            elapsed_s=seconds_before + time.perf_counter() - t_start,
                             rng=rng_state(), config=config.to_dict(), world_size=W, finished=final,
                             args={k: v for k, v in vars(args).items() if _jsonable(v)})
         if ds_engine is not None:
@@ -840,7 +842,7 @@ def _train(stage, args, device, dist):
                     stop.requested or (args.stop_after and run_steps >= args.stop_after), dist, device)
                 if step % args.log_interval == 0 or step == total_steps or stopping:
                     loss_val, record = _log_step(step, epoch, lr, loss_mean, metric_sums, A, grad_norm, window,
-                                                 peak, W, dist, t_start)
+                                                 peak, W, dist, t_start - seconds_before)
                     losses.append([step, loss_val])
                     metrics_log.write(record)
                     if bar is not None:

@@ -20,7 +20,8 @@ Adding a kernel (one function and one registry line):
     CASES["my_op"] = _my_op_cases      # (or add it to the dict literal below)
 
 A config may depend on the model's sizes, never on the number of tokens: under torch.compile a batch dimension
-that varies becomes symbolic, and a constexpr or num_warps cannot be (tests/test_compile_triton.py traces that).
+that varies becomes symbolic; a num_warps computed from it crashes Dynamo, and a constexpr makes it recompile for
+every value (and run eagerly past the recompile limit). tests/test_compile_triton.py traces that.
 Cases that come out identical (same kernel, types, constexprs, warps, stages) are compiled once, so name a case by
 its configuration (BLOCK=..., dtypes), not by the shape that chose it. Pointers are compiled as 16-byte aligned
 (torch allocations are), and the int arguments listed in divisible_by_16 as multiples of 16, the way the JIT

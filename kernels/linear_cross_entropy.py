@@ -74,7 +74,7 @@ def cross_entropy_config(n_vocab, tile=None):
     """(BLOCK_R, BLOCK_V, num_warps) for rows of n_vocab logits. A program handles a tile of up to `tile` logits:
     8192 on a GPU (16 per thread, about 40 registers, no spills), 64K under the interpreter, where each program
     costs Python overhead. Not sized from the row count, which torch.compile makes symbolic when batch shapes vary
-    (a launch option cannot be symbolic); a chunk of fewer rows masks the rest."""
+    (see kernels/aot.py); a chunk of fewer rows masks the rest."""
     tile = tile or (1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 8192)
     block_v = min(triton.next_power_of_2(n_vocab), 8192)
     block_r = max(1, tile // block_v)

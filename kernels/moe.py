@@ -257,10 +257,11 @@ def _route(topk_idx, E):
     sorted_ids, perm = torch.sort(flat, stable=True)
     offsets = torch.searchsorted(sorted_ids, torch.arange(E + 1, device=flat.device, dtype=sorted_ids.dtype))
     ids_in_range = (offsets[0] == 0) & (offsets[E] == flat.numel())  # no id < 0, none >= E
+    message = f"kernels/moe.py moe_experts: topk_idx holds expert ids outside [0, {E})"
     if flat.is_cuda or torch.compiler.is_compiling():  # no host sync, no branch on a value (Dynamo cannot trace
-        torch._assert_async(ids_in_range)                # one): a bad id fails at a later CUDA call
+        torch._assert_async(ids_in_range, message)       # one); with a message, so the compiler keeps it
     elif not ids_in_range:
-        raise ValueError(f"kernels/moe.py moe_experts: topk_idx holds expert ids outside [0, {E})")
+        raise ValueError(message)
     return perm.to(torch.int32), offsets.to(torch.int32)
 
 

@@ -33,7 +33,7 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_elements, BLOCK: tl.constexpr):
 
 
 # (BLOCK, num_warps): 4096 elements per program, 16 per thread. Fixed, not sized from the element count, which
-# torch.compile makes symbolic when batch shapes vary (a launch option cannot be symbolic).
+# torch.compile makes symbolic when batch shapes vary (see kernels/aot.py).
 SWIGLU_CONFIG = (4096, 8)
 
 

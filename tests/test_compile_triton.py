@@ -40,12 +40,18 @@ def traced(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     cases = {}
     for line in proc.stdout.splitlines():
+        if not line.startswith("{"):
+            continue  # anything a library printed
         case = json.loads(line)
         cases[case.pop("case")] = case
     assert cases, f"the trace script printed nothing:\n{proc.stderr[-6000:]}"
     errors = {name: c["error"] + "\n" + c["traceback"] for name, c in cases.items() if "error" in c}
     assert not errors and proc.returncode == 0, "\n\n".join(f"{k}: {v}" for k, v in errors.items())
     return cases
+
+
+def _asserts(case, role):
+    return [g["asserts"] for g in case["graphs"] if g["role"] == role]
 
 
 def _kernels(case, role):
@@ -59,20 +65,26 @@ def test_every_block_traces_whole_with_its_kernels_and_a_symbolic_batch(traced):
     for name, case in blocks.items():
         kind = "moe" if "moe" in name else "dense"
         role = "forward" if "train" in name else "inference"
-        # the first shape, then the second with a symbolic size, so a third length reuses it (no recompile)
+        # the first shape, then the second with a symbolic size, which the third and fourth reuse (no recompile)
         assert _kernels(case, role) == [BLOCK_FORWARD_KERNELS[kind]] * 2 and case["dynamic"], (name, case)
+        if kind == "moe":  # the expert-id check stays in the graph as a device assert
+            assert all(_asserts(case, role)), (name, case)
         if role == "forward":  # the backward of each shape, as Dynamo traced it and as AOT autograd partitioned it
             assert case["dynamo_backward_kernels"] == [BLOCK_BACKWARD_KERNELS[kind]] * 2, (name, case)
             assert BLOCK_BACKWARD_KERNELS[kind] in _kernels(case, "backward"), (name, case)
 
 
 def test_every_triton_op_traces_whole(traced):
+    # the elementwise ops and the MoE take a new token count symbolically (2 graphs for 4 counts); the linear
+    # cross-entropy's Python loop over token chunks specialises it (a graph per count: it runs outside the
+    # compiled blocks)
     for op, n in OP_FORWARD_KERNELS.items():
-        assert _kernels(traced[op], "forward") == [n, n], (op, traced[op])
-        assert traced[op]["dynamo_backward_kernels"] == [OP_BACKWARD_KERNELS[op]] * 2, (op, traced[op])
-    # the elementwise ops and the MoE take a new token count symbolically; the linear cross-entropy's Python loop
-    # over token chunks specialises it (each new count is a recompile: it runs outside the compiled blocks)
-    assert all(traced[op]["dynamic"] for op in ("rms_norm", "swiglu", "rope", "moe_experts"))
+        graphs = 4 if op.startswith("linear_") else 2
+        assert _kernels(traced[op], "forward") == [n] * graphs, (op, traced[op])
+        assert traced[op]["dynamo_backward_kernels"] == [OP_BACKWARD_KERNELS[op]] * graphs, (op, traced[op])
+        assert traced[op]["dynamic"] == (graphs == 2), (op, traced[op])
+    for op in ("linear_cross_entropy", "linear_logprobs", "moe_experts"):  # label / expert-id range checks
+        assert all(_asserts(traced[op], "forward")), (op, traced[op])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="runs the compiled kernels: needs a CUDA GPU")

@@ -52,6 +52,8 @@ def test_stopped_on_two_processes_resumes_on_one(demo_data, tmp_path):  # noqa: 
     """2 processes x 1 micro-step for 2 steps, stop; resume on 1 process x 2 micro-steps: same as 1 process all along."""
     _torchrun(2, tiny_flags(tmp_path / "mixed", demo_data["pretrain"], steps=STEPS, batch_size=2,
                             extra=["--stop_after", "2"]), status=1)  # torchrun: a worker exited non-zero
+    state = torch.load(tmp_path / "mixed" / "pretrain_64_resume.pt", weights_only=False)
+    assert (state["step"], state["world_size"], state["finished"]) == (2, 2, False)  # stopped, not crashed
     resumed = pretrain.main(tiny_flags(tmp_path / "mixed", demo_data["pretrain"], steps=STEPS, batch_size=2,
                                        extra=["--accumulation_steps", "2", "--from_resume", "1"]))
     assert resumed["steps"] == STEPS

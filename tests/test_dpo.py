@@ -144,6 +144,8 @@ def test_dpo_resume_keeps_the_original_reference(tmp_path):
                          "--max_seq_len", "48", "--batch_size", "4", "--epochs", "1", "--max_steps", "4",
                          "--learning_rate", "5e-3"]
     whole = dpo.main(argv + ["--out_dir", str(tmp_path / "a")])
+    spelled = dpo.main(argv + ["--out_dir", str(tmp_path / "c"), "--ref_weight", "none"])
+    assert spelled["losses"] == whole["losses"]  # 'none' is the default reference (the policy), not a random model
     assert dpo.main(argv + ["--out_dir", str(tmp_path / "b"), "--stop_after", "2"])["interrupted"]
     resumed = dpo.main(argv + ["--out_dir", str(tmp_path / "b"), "--from_resume", "1"])
     assert [x for _, x in resumed["losses"]] == [x for _, x in whole["losses"]][2:]

@@ -2,6 +2,7 @@
 no wall-clock sleeps) leaves files that a resumed run turns into exactly the uninterrupted result: the same weights
 bit for bit, each step once in the metrics log, no temporary file left behind."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_a_write_removes_temporary_files_of_dead_processes_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".w.pth.tmp-{dead_pid}"
-    live = tmp_path / f".w.pth.tmp-{__import__('os').getppid()}"  # our parent is running: its write may be under way
+    live = tmp_path / f".w.pth.tmp-{os.getppid()}"  # our parent is running: its write may be under way
     other = tmp_path / f".v.pth.tmp-{dead_pid}"  # another target's: left for that target's next write
     for p in (stale, live, other):
         p.write_bytes(b"half a checkpoint")

@@ -33,6 +33,8 @@ def test_interrupted_then_resumed_run_is_bit_identical(demo_data, tmp_path):  # 
     assert not second["interrupted"] and second["steps"] == 4
 
     assert first["losses"] + second["losses"] == straight["losses"]
+    assert second["tokens"] == straight["tokens"]  # counted over both runs; the rate over this run's tokens only
+    assert second["tokens_per_s"] * second["seconds"] == pytest.approx(second["tokens"] - first["tokens"])
     a, b = _params(straight["model"]), _params(second["model"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     with open(tmp_path / "b" / "sft_metrics.jsonl") as f:

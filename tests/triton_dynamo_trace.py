@@ -58,10 +58,14 @@ def _call_targets(gm, out):
     return out
 
 
+# (batch, length) of the calls: the second makes Dynamo recompile with a symbolic size, as training on batches of
+# varying length does; the others, in other power-of-two buckets of B * T, must reuse that graph
+LENGTHS = ((2, 16), (3, 24), (2, 40), (5, 72))
+
+
 def trace(fn, calls):
-    """torch.compile(fn, fullgraph=True) with a recording backend; call it on each args tuple of `calls` (two
-    shapes make Dynamo recompile with a dynamic size, as training on batches of varying length does). Returns
-    {"graphs": [{"role": forward | backward | inference, kernel-op name: count}, ...], "dynamic": bool,
+    """torch.compile(fn, fullgraph=True) with a recording backend; call it on each args tuple of `calls`. Returns
+    {"graphs": [{"role": forward | backward | inference, kernel-op name: count, "asserts": n}, ...], "dynamic": bool,
      "dynamo_backward_kernels": [n, ...]} of the graphs AOT autograd produced (dynamic: a graph input has a
     symbolic size; AOT autograd may leave a backward uncompiled until it runs) and, per graph Dynamo traced, the
     kernels in the backward it traced for each autograd.Function (subgraphs bwd_body_*)."""
@@ -92,8 +96,11 @@ def trace(fn, calls):
                 compiled(*args)
         except Traced:
             pass
-    counts = [{"role": role, **collections.Counter(t for t in _call_targets(g, []) if t.startswith("triton_kernel"))}
-              for role, g in graphs]
+    counts = []
+    for role, g in graphs:
+        targets = _call_targets(g, [])
+        counts.append({"role": role, **collections.Counter(t for t in targets if t.startswith("triton_kernel")),
+                       "asserts": sum(t.startswith("_assert_async") for t in targets)})
     dynamic = any(isinstance(s, torch.SymInt) for _, g in graphs for n in g.graph.nodes if n.op == "placeholder"
                   for s in getattr(n.meta.get("val"), "shape", ()))
     return {"graphs": counts, "dynamic": dynamic, "dynamo_backward_kernels": dynamo_backward}
@@ -109,7 +116,7 @@ def _block_cases():
             for grad in (True, False):
                 def calls(grad=grad, layer=layer, model=model):
                     out = []
-                    for B, T in ((2, 16), (3, 24)):
+                    for B, T in LENGTHS:
                         h = torch.randn(B, T, H, requires_grad=grad)
                         delta = None if layer == 0 else torch.randn(B, T, H, requires_grad=grad)
                         out.append((grad, (h, delta, model.model.rope_cos[:T], model.model.rope_sin[:T])))
@@ -138,15 +145,16 @@ def _op_cases():
     def rope(q, k, cos, sin):
         return ops.rope(q, k, cos, sin, 0)
 
-    cos, sin = (t.float() for t in (torch.randn(32, 16), torch.randn(32, 16)))
+    cos, sin = (t.float() for t in (torch.randn(128, 16), torch.randn(128, 16)))
+    tokens = [B * T for B, T in LENGTHS]
     w, wg, wu, wd = rows(V, H), rows(E, I, H), rows(E, I, H), rows(E, H, I)
-    yield "rms_norm", ops.rms_norm, [(True, (rows(n, H), torch.ones(H, requires_grad=True), 1e-5)) for n in (16, 40)]
-    yield "swiglu", ops.swiglu, [(True, (rows(n, I), rows(n, I))) for n in (16, 40)]
-    yield "rope", rope, [(True, (rows(2, T, 4, 16), rows(2, T, 2, 16), cos[:T], sin[:T])) for T in (16, 24)]
-    yield "linear_cross_entropy", lce, [(True, (rows(n, H), w, torch.randint(0, V, (n,)))) for n in (16, 40)]
-    yield "linear_logprobs", logprobs, [(True, (rows(n, H), w, torch.randint(0, V, (n,)))) for n in (16, 40)]
+    yield "rms_norm", ops.rms_norm, [(True, (rows(n, H), torch.ones(H, requires_grad=True), 1e-5)) for n in tokens]
+    yield "swiglu", ops.swiglu, [(True, (rows(n, I), rows(n, I))) for n in tokens]
+    yield "rope", rope, [(True, (rows(2, T, 4, 16), rows(2, T, 2, 16), cos[:T], sin[:T])) for _, T in LENGTHS]
+    yield "linear_cross_entropy", lce, [(True, (rows(n, H), w, torch.randint(0, V, (n,)))) for n in tokens]
+    yield "linear_logprobs", logprobs, [(True, (rows(n, H), w, torch.randint(0, V, (n,)))) for n in tokens]
     yield "moe_experts", moe, [(True, (rows(n, H), torch.randint(0, E, (n, K)), rows(n, K).softmax(-1), wg, wu, wd))
-                               for n in (16, 40)]
+                               for n in tokens]
 
 
 def main():

@@ -19,7 +19,7 @@ def _atomic_write(path, mode, write):
     any moment leaves either the old file or the new one, never a torn one. Returns the Path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -34,7 +34,7 @@ def _atomic_write(path, mode, write):
     return path
 
 
-def remove_stale_temps(path):
+def _remove_stale_temps(path):
     """Delete the temporary files of `path` (`.{name}.tmp-{pid}`) left by processes that no longer exist, i.e. were
     killed mid-write. A live process's file (another pid, still running) is left alone."""
     path = Path(path)

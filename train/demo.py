@@ -134,7 +134,9 @@ def main(argv=None):
         result = stage.main([*common, *flags, "--data_path", str(paths[data_key])])
         if result["interrupted"]:  # Ctrl-C: the stage saved its resume state; the next stage must not start
             print(f"demo stopped during {name}", file=sys.stderr)
-            sys.exit(engine.STOPPED_EXIT_STATUS)
+            if argv is None:
+                sys.exit(engine.STOPPED_EXIT_STATUS)
+            return rows
         print(f"{name}: {result['steps']} steps, {result['seconds']:.1f}s, {result['tokens_per_s']:.0f} tokens/s, "
               f"final loss {result['final_loss']:.4f} -> {result['weights_path']}")
         if not args.no_eval:

@@ -14,7 +14,6 @@ Both must share the tokenizer. Writes out/full_dist_{hidden}[_moe].pth.
 
     python -m train.distill --preset small --teacher_preset base --data_path dataset/sft_mini_512.jsonl
 """
-import os
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def teacher_config(args, student: MiniMindConfig) -> MiniMindConfig:
         explicit["use_moe"] = bool(explicit["use_moe"])
     sizes = dict(PRESETS[args.teacher_preset]) if args.teacher_preset else {}
     weight = args.teacher_weight
-    is_path = weight not in (None, "", "none") and (weight.endswith((".pth", ".pt")) or "/" in weight or os.sep in weight)
+    is_path = weight not in (None, "", "none") and engine.is_weight_path(weight)
     if is_path and not explicit and not args.teacher_preset:
         if not Path(weight).is_file():
             raise engine.ConfigError(f"--teacher_weight {weight}: no such file")

@@ -28,7 +28,8 @@ def add_args(parser):
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
     g.add_argument("--ref_weight", default=None,
-                   help="reference weights: a stage prefix or path (default: the policy's starting weights)")
+                   help="reference weights: a stage prefix or path (default, or 'none': the policy's starting "
+                        "weights)")
     g.add_argument("--precompute_ref", action="store_true",
                    help="compute the reference log-probabilities once before training and free the reference model")
 
@@ -57,7 +58,7 @@ def precompute_reference(ref, run):
 
 def prepare(model, run):
     args = run.args
-    if args.ref_weight:
+    if args.ref_weight not in (None, "", "none"):
         ref = run.build_model(weights=args.ref_weight, flag="--ref_weight")
     else:
         ref = copy.deepcopy(model)  # the policy as loaded (prepare runs before any resume state is applied)

@@ -160,7 +160,8 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     o.add_argument("--max_steps", type=int, default=0, help="cap the optimizer steps (0 = all epochs)")
     o.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: looked up)")
     o.add_argument("--stop_after", type=int, default=0,
-                   help="(testing) stop as on SIGINT after N optimizer steps of this run")
+                   help="(testing) stop as on SIGINT after N optimizer steps of this run: save the resume state, "
+                        "exit 130 (under torchrun: a failed worker, exit 1)")
     if stage.add_args:
         stage.add_args(p)
     p.set_defaults(**stage.defaults)
@@ -183,12 +184,17 @@ def weight_file_name(prefix: str, config: MiniMindConfig) -> str:
     return f"{prefix}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
 
 
+def is_weight_path(value: str) -> bool:
+    """A --from_weight-style value names a file (ends in .pth/.pt or has a folder) rather than a stage prefix."""
+    return value.endswith((".pth", ".pt")) or os.sep in value or "/" in value
+
+
 def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig, flag="--from_weight") -> Optional[Path]:
     """'none' -> None; a stage prefix -> OUT_DIR/{prefix}_{hidden}[_moe].pth; else a path. The file must exist
     (the error names `flag`, the command-line flag the value came from)."""
     if name_or_path in (None, "", "none"):
         return None
-    looks_like_path = name_or_path.endswith((".pth", ".pt")) or os.sep in name_or_path or "/" in name_or_path
+    looks_like_path = is_weight_path(name_or_path)
     path = Path(name_or_path) if looks_like_path else Path(out_dir) / weight_file_name(name_or_path, config)
     if not path.is_file():
         raise ConfigError(f"{flag} {name_or_path}: no such file {path}"
@@ -556,8 +562,10 @@ def _check_args(args, stage):
         get_backend(args.kernels)
     except RuntimeError as e:
         raise ConfigError(f"--kernels {args.kernels}: {e}") from None
-    if args.kernels != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(f"--kernels {args.kernels} on --device {args.device} runs only under Triton's interpreter "
+    if args.kernels == "liger" and device.type != "cuda":
+        raise ConfigError(f"--kernels liger needs a CUDA device, not --device {args.device}")
+    if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"--kernels triton on --device {args.device} runs only under Triton's interpreter "
                           "(TRITON_INTERPRET=1, slow: for tests); use --kernels torch on the CPU")
     if args.deepspeed:
         if not Path(args.deepspeed).is_file():
@@ -777,6 +785,7 @@ def _train(stage, args, device, dist):
         set_rng_state(state["rng"])
         run.log(f"resumed from {resume_from} at step {step} (epoch {epoch}, "
                 f"{epoch_batches} global batches into it; saved by {state['world_size']} process(es))")
+    tokens_before = tokens_total
     W, A = dist.world_size, args.accumulation_steps
     # Steps still to do: the rest of this epoch from the global position, then whole epochs.
     left_this_epoch = _min_over_processes((len(loader) * W - epoch_batches) // W // A, dist, device)
@@ -876,4 +885,5 @@ def _train(stage, args, device, dist):
     return dict(stage=stage.name, weights_path=str(weights_path), resume_path=str(resume_path),
                 metrics_path=str(metrics_log.path), steps=step, total_steps=total_steps, final_loss=loss_val,
                 losses=losses, tokens=tokens_total, seconds=seconds, flops_per_token=flops_fn(args.max_seq_len),
-                tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0, interrupted=interrupted, model=model)
+                tokens_per_s=(tokens_total - tokens_before) / seconds if seconds > 0 else 0.0,  # this run's
+                interrupted=interrupted, model=model)

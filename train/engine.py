@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from kernels import get_backend
-from minimind.config import PRESETS, MiniMindConfig
+from minimind.config import AUX_LOSS_SCOPES, PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.weights import config_path, model_card
 from train import distributed
@@ -144,9 +144,24 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="default cuda (cuda:LOCAL_RANK under torchrun) or cpu")
     g.add_argument("--out_dir", default="out")
     o = p.add_argument_group("ours")
-    o.add_argument("--preset", default=None, choices=sorted(PRESETS), help="small | base | moe")
+    o.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="MiniMind2: small | base | moe; minimind-3: minimind3 | minimind3-moe "
+                        "(python -m minimind.model lists them)")
     o.add_argument("--num_attention_heads", type=int, default=None)
     o.add_argument("--num_key_value_heads", type=int, default=None)
+    o.add_argument("--head_dim", type=int, default=None, help="default hidden_size / num_attention_heads")
+    o.add_argument("--qk_norm", type=_flag_bool, default=None, help="0 or 1: RMSNorm of q and k before RoPE "
+                   "(minimind-3; default the --preset's, else 0)")
+    o.add_argument("--intermediate_size", type=int, default=None, help="MLP (and expert) width; default the "
+                   "preset's rule: MiniMind2 64*ceil(int(8*hidden/3)/64), minimind-3 64*ceil(hidden*pi/64)")
+    o.add_argument("--rms_norm_eps", type=float, default=None, help="default 1e-5 (minimind-3: 1e-6)")
+    o.add_argument("--n_routed_experts", type=int, default=None, help="MoE: routed experts (default 4)")
+    o.add_argument("--n_shared_experts", type=int, default=None, help="MoE: shared experts (MiniMind2 1, minimind-3 0)")
+    o.add_argument("--num_experts_per_tok", type=int, default=None, help="MoE top-k (MiniMind2 2, minimind-3 1)")
+    o.add_argument("--aux_loss_alpha", type=float, default=None,
+                   help="MoE load-balancing loss weight (MiniMind2 0.1, minimind-3 5e-4)")
+    o.add_argument("--aux_loss_scope", default=None, choices=AUX_LOSS_SCOPES,
+                   help="MoE aux loss per sequence (MiniMind2) or over the batch (minimind-3)")
     o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
                    help="op backend (default triton on CUDA, torch on CPU)")
     o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"))
@@ -168,10 +183,15 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     return p
 
 
+MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "qk_norm", "intermediate_size", "rms_norm_eps", "n_routed_experts", "n_shared_experts",
+               "num_experts_per_tok", "aux_loss_alpha", "aux_loss_scope")
+
+
 def config_from_args(args, vocab_size: int) -> MiniMindConfig:
     """--preset first, then any explicit model flag on top of it."""
     base = dict(PRESETS[args.preset]) if args.preset else {}
-    for name in ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads"):
+    for name in MODEL_FLAGS:
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     try:

@@ -13,8 +13,9 @@ row of position offset + t (halves c1, c2 and s1, s2):
 
 The forward runs one program per token (b, t): all Hq query heads and all Hkv key heads as (heads, half) tiles
 (the tiles of kernels/rope.py), n never leaves registers. It saves only q and k; the backward recomputes rstd.
-The backward runs P programs, each looping over tokens pid, pid + P, ... with the q and k weight-gradient partials
-in registers, stored as (P, D) float32 rows and summed by torch: deterministic, no atomics. Inputs may be strided
+The backward is one launch too: P programs, each looping over tokens pid, pid + P, ... for the q heads and then
+again for the k heads, the weight-gradient partial in registers, stored as a (P, D) float32 row per weight and
+summed by torch: deterministic, no atomics. Inputs may be strided
 (unit last-dim stride); outputs are new contiguous tensors. Math in float32, outputs in the inputs' dtypes, weight
 gradients in the weights' dtypes.
 """
@@ -51,19 +52,20 @@ def _norm_rope_heads_fwd(X, W, O, x_base, o_base, x_head_stride, n_heads, half, 
 
 
 @triton.jit
-def _norm_rope_heads_bwd(X, W, DY, DX, x_base, g_base, x_head_stride, n_heads, half, eps, c1, c2, s1, s2, d, dmask,
-                         BLOCK_H: tl.constexpr):
-    """Stores dx of a token's heads; returns their (dw1, dw2) contributions (1, BLOCK_HALF), summed over heads."""
+def _norm_rope_heads_bwd(X, W, DY, DX, x_base, g_base, x_head_stride, n_heads, half, inv_d, eps, c1, c2, s1, s2, d,
+                         dmask, BLOCK_H: tl.constexpr):
+    """Stores dx of a token's heads; returns their (dw1, dw2) contributions (1, BLOCK_HALF), summed over heads.
+    inv_d = 1 / D, multiplied rather than divided by inside the loop."""
     x1, x2, mask = _load_heads(X, x_base, x_head_stride, n_heads, half, d, dmask, BLOCK_H)
     dy1, dy2, _ = _load_heads(DY, g_base, 2 * half, n_heads, half, d, dmask, BLOCK_H)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)[:, None]
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) * inv_d + eps)[:, None]
     dn1 = dy1 * c1 + dy2 * s2
     dn2 = dy2 * c2 - dy1 * s1
     xhat1 = x1 * rstd
     xhat2 = x2 * rstd
     g1 = dn1 * tl.load(W + d, mask=dmask, other=0.0).to(tl.float32)
     g2 = dn2 * tl.load(W + half + d, mask=dmask, other=0.0).to(tl.float32)
-    mean_gx = ((tl.sum(g1 * xhat1, axis=1) + tl.sum(g2 * xhat2, axis=1)) / (2 * half))[:, None]
+    mean_gx = ((tl.sum(g1 * xhat1, axis=1) + tl.sum(g2 * xhat2, axis=1)) * inv_d)[:, None]
     heads = tl.arange(0, BLOCK_H)[:, None]
     dx_ptr = DX + g_base + heads * (2 * half) + d
     tl.store(dx_ptr, (rstd * (g1 - xhat1 * mean_gx)).to(DX.dtype.element_ty), mask=mask)
@@ -98,35 +100,48 @@ def _qk_norm_rope_fwd_kernel(Q, K, QW, KW, QO, KO, COS, SIN, seq_len, offset, q_
 
 
 @triton.jit
+def _heads_bwd_loop(X, W, DY, DX, DW_PARTIAL, COS, SIN, pid, n_programs, n_tokens, seq_len, offset, x_sb, x_st, x_sh,
+                    cos_stride, n_heads, half, eps, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Tokens pid, pid + n_programs, ... of one of q, k: their dx, and this program's row of the weight gradient."""
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    dmask = d < half
+    dw1 = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
+    dw2 = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
+    inv_d = 1.0 / (2 * half)
+    for tok in range(pid, n_tokens, n_programs):
+        # b, t by 32-bit division (a 64-bit one is a called routine); addresses in 64 bits
+        b32 = tl.cast(tok, tl.int32) // seq_len  # tl.cast: tok is a Python int under the interpreter
+        t = (tok - b32 * seq_len).to(tl.int64)
+        c1, c2, s1, s2 = _cos_sin_halves(COS, SIN, t, offset, cos_stride, half, d, dmask)
+        a1, a2 = _norm_rope_heads_bwd(X, W, DY, DX, b32.to(tl.int64) * x_sb + t * x_st,
+                                      tl.cast(tok, tl.int64) * n_heads * 2 * half, x_sh, n_heads, half, inv_d, eps,
+                                      c1, c2, s1, s2, d, dmask, BLOCK_H)
+        dw1 += a1
+        dw2 += a2
+    row = pid.to(tl.int64) * 2 * half
+    tl.store(DW_PARTIAL + row + d, dw1, mask=dmask)
+    tl.store(DW_PARTIAL + row + half + d, dw2, mask=dmask)
+
+
+@triton.jit
 def _qk_norm_rope_bwd_kernel(Q, K, QW, KW, DQO, DKO, DQ, DK, DQW_PARTIAL, DKW_PARTIAL, COS, SIN, n_tokens, seq_len,
                              offset, q_sb, q_st, q_sh, k_sb, k_st, k_sh, cos_stride, n_q_heads, n_kv_heads, half, eps,
                              BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # q's tokens, then k's: one head group's state live at a time (both in one loop spilled on sm_80)
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    d = tl.arange(0, BLOCK_HALF)[None, :]
-    dmask = d < half
-    dqw1 = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
-    dqw2 = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
-    dkw1 = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
-    dkw2 = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
-    for tok in range(pid, n_tokens, n_programs):
-        token = tl.cast(tok, tl.int64)  # tl.cast: tok is a Python int under the interpreter
-        b = token // seq_len
-        t = token % seq_len
-        c1, c2, s1, s2 = _cos_sin_halves(COS, SIN, t, offset, cos_stride, half, d, dmask)
-        a1, a2 = _norm_rope_heads_bwd(Q, QW, DQO, DQ, b * q_sb + t * q_st, token * n_q_heads * 2 * half, q_sh,
-                                      n_q_heads, half, eps, c1, c2, s1, s2, d, dmask, BLOCK_HQ)
-        dqw1 += a1
-        dqw2 += a2
-        a1, a2 = _norm_rope_heads_bwd(K, KW, DKO, DK, b * k_sb + t * k_st, token * n_kv_heads * 2 * half, k_sh,
-                                      n_kv_heads, half, eps, c1, c2, s1, s2, d, dmask, BLOCK_HKV)
-        dkw1 += a1
-        dkw2 += a2
-    row = pid.to(tl.int64) * 2 * half
-    tl.store(DQW_PARTIAL + row + d, dqw1, mask=dmask)
-    tl.store(DQW_PARTIAL + row + half + d, dqw2, mask=dmask)
-    tl.store(DKW_PARTIAL + row + d, dkw1, mask=dmask)
-    tl.store(DKW_PARTIAL + row + half + d, dkw2, mask=dmask)
+    _heads_bwd_loop(Q, QW, DQO, DQ, DQW_PARTIAL, COS, SIN, pid, n_programs, n_tokens, seq_len, offset, q_sb, q_st,
+                    q_sh, cos_stride, n_q_heads, half, eps, BLOCK_HQ, BLOCK_HALF)
+    _heads_bwd_loop(K, KW, DKO, DK, DKW_PARTIAL, COS, SIN, pid, n_programs, n_tokens, seq_len, offset, k_sb, k_st,
+                    k_sh, cos_stride, n_kv_heads, half, eps, BLOCK_HKV, BLOCK_HALF)
+
+
+def qk_norm_rope_config(n_q_heads, n_kv_heads, head_dim):
+    """(BLOCK_HQ, BLOCK_HKV, BLOCK_HALF, forward warps, backward warps): kernels/rope.py's tiles and forward warps;
+    the backward holds x, dy and their products for a head group at once and runs 8 warps, which keeps it at <= 64
+    registers with no spill on sm_80/86/90 (4 warps spilled on sm_80; kernels.aot --report)."""
+    block_hq, block_hkv, block_half, warps = rope_config(n_q_heads, n_kv_heads, head_dim)
+    return block_hq, block_hkv, block_half, warps, 8
 
 
 def _unit_last_stride(x):
@@ -147,7 +162,7 @@ class QKNormRoPEFunction(torch.autograd.Function):
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
         qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        block_hq, block_hkv, block_half, warps = rope_config(Hq, Hkv, D)
+        block_hq, block_hkv, block_half, warps, _ = qk_norm_rope_config(Hq, Hkv, D)
         if B * T:
             _qk_norm_rope_fwd_kernel[(B * T,)](q, k, q_weight, k_weight, qo, ko, cos, sin, T, offset, *_strides(q),
                                                *_strides(k), cos.stride(0), Hq, Hkv, D // 2, eps,
@@ -165,7 +180,7 @@ class QKNormRoPEFunction(torch.autograd.Function):
         dqo, dko = dqo.contiguous(), dko.contiguous()
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        block_hq, block_hkv, block_half, warps = rope_config(Hq, Hkv, D)
+        block_hq, block_hkv, block_half, _, warps = qk_norm_rope_config(Hq, Hkv, D)
         programs = rms_norm_bwd_programs(B * T, warps, q.device)
         dqw = torch.empty(programs, D, dtype=torch.float32, device=q.device)
         dkw = torch.empty(programs, D, dtype=torch.float32, device=q.device)

@@ -149,7 +149,9 @@ class MoEFeedForward(nn.Module):
         """x (N, H) -> topk_idx (N, k), topk_weight (N, k) float32, scores (N, E) float32."""
         scores = self.gate(x).float().softmax(dim=-1)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
-        if self.norm_topk:
+        if self.norm_topk and self.top_k == 1:  # w / w = 1 and its gradient is 0 (autograd of w / w gives rounding
+            topk_weight = torch.ones_like(topk_weight)  # noise of the size of the aux loss's gradient instead)
+        elif self.norm_topk:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         return topk_idx, topk_weight, scores
 

@@ -160,6 +160,18 @@ def test_moe_routing_topk_and_weights():
     torch.testing.assert_close(w, top.values / top.values.sum(-1, keepdim=True))
 
 
+def test_top1_renormalised_weight_is_exactly_one_with_no_gradient():
+    """minimind-3's top-1 with norm_topk_prob: w / w = 1, so the router learns from the aux loss alone (autograd of
+    w / w would leave rounding noise as large as the aux loss's gradient); norm_topk_prob off keeps the score."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(tiny3(True), reference)
+    x = torch.randn(20, 48)
+    idx, w, scores = moe.route(x)
+    assert idx.shape == (20, 1) and torch.equal(w, torch.ones(20, 1)) and not w.requires_grad
+    moe.norm_topk = False
+    torch.testing.assert_close(moe.route(x)[1], scores.max(-1, keepdim=True).values)
+
+
 def test_moe_aux_loss_by_hand():
     torch.manual_seed(0)
     cfg = tiny(True, n_routed_experts=3, num_experts_per_tok=1, aux_loss_alpha=0.5)

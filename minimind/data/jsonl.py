@@ -75,7 +75,7 @@ def _check_conversation(conv, field):
 
 
 T2T_ROLES = ("system", "user", "assistant", "tool")
-T2T_FOLLOWS = {"user": "the start or an assistant turn", "assistant": "a user or tool message",
+T2T_FOLLOWS = {"user": "the start or an assistant message", "assistant": "a user or tool message",
                "tool": "an assistant message with tool_calls, or another tool message"}
 
 
@@ -153,6 +153,10 @@ def _check_t2t_message(m, i, field):
     return msg, tools
 
 
+def _a(role):
+    return "an" if role == "assistant" else "a"
+
+
 def _check_t2t_conversation(conv, field):
     """minimind-3's conversation rules (the module docstring)."""
     if not isinstance(conv, list):
@@ -168,9 +172,12 @@ def _check_t2t_conversation(conv, field):
             ok = {"user": prev in (None, "assistant"), "assistant": prev in ("user", "tool"),
                   "tool": prev == "tool" or (prev == "assistant" and "tool_calls" in messages[-1])}[role]
             if not ok:
-                what = "a tool message with no preceding tool call" if role == "tool" else f"a {role} message"
-                raise RecordError(f"{field}[{i}] is {what}: after {prev or 'the start'} (a {role} follows "
-                                  f"{T2T_FOLLOWS[role]})")
+                after = "the start" if prev is None else f"{_a(prev)} {prev} message"
+                if role == "tool":
+                    raise RecordError(f"{field}[{i}] is a tool message with no preceding tool call (it follows "
+                                      f"{after})")
+                raise RecordError(f"{field}[{i}] is {_a(role)} {role} message following {after} ({_a(role)} "
+                                  f"{role} message follows {T2T_FOLLOWS[role]})")
             prev = role
         messages.append(msg)
     if not any(m["role"] == "assistant" for m in messages):

@@ -15,7 +15,7 @@ real MiniMind2 and minimind-3 ones included).
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -34,8 +34,8 @@ def tokenizer_config(fmt: ChatFormat, added_tokens) -> dict:
     return {
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "added_tokens_decoder": added, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
-        "clean_up_tokenization_spaces": False, "legacy": True, "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast", **fmt.config_extra, "chat_template": fmt.template,
+        "clean_up_tokenization_spaces": False, "legacy": True, "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast", **fmt.config_extra, "chat_template": fmt.template,
     }
 
 

@@ -33,9 +33,9 @@ def t2t_records():
         {"conversations": [{"role": "system", "content": "", "tools": TOOLS},
                            {"role": "user", "content": "算两个"},
                            {"role": "assistant", "content": None, "reasoning_content": "两次调用",
-                            "tool_calls": [{"type": "function", "function": {"name": "calculate_math",
-                                                                              "arguments": "{\"expression\": \"1+1\"}"}},
-                                           CALLS[0]]},
+                            "tool_calls": [{"type": "function",
+                                            "function": {"name": "calculate_math",
+                                                         "arguments": "{\"expression\": \"1+1\"}"}}, CALLS[0]]},
                            {"role": "tool", "content": "2"}, {"role": "tool", "content": "9472"},
                            {"role": "assistant", "content": "2 和 9472"}]},
         {"conversations": [{"role": "user", "content": "why?"},
@@ -145,8 +145,10 @@ U = {"role": "user", "content": "q"}
 A = {"role": "assistant", "content": "a"}
 CALLER = {"role": "assistant", "content": "", "tool_calls": json.dumps(CALLS)}
 T2T_BAD = [
-    (conv(U, {"role": "assistant", "content": "", "tool_calls": "[{\"name\": \"f\", "}), "conversations\\[1\\].tool_calls is not valid JSON"),
-    (conv(U, {"role": "tool", "content": "3"}, A), "conversations\\[1\\] is a tool message with no preceding tool call"),
+    (conv(U, {"role": "assistant", "content": "", "tool_calls": "[{\"name\": \"f\", "}),
+     "conversations\\[1\\].tool_calls is not valid JSON"),
+    (conv(U, {"role": "tool", "content": "3"}, A),
+     "conversations\\[1\\] is a tool message with no preceding tool call"),
     (conv(U, A, {"role": "tool", "content": "3"}), "is a tool message with no preceding tool call"),
     (conv(U, {"role": "function", "content": "x"}, A), "conversations\\[1\\] has unknown role 'function'"),
     (conv({"role": "user", "content": "q", "tools": TOOLS}, A), "tools belong on the leading system message"),

@@ -1,7 +1,6 @@
 """The tokenizer: bundled folder, MiniMind2 chat template equivalence, loss masks, and the training command."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 

@@ -733,7 +733,8 @@ def _train(stage, args, device, dist):
 
     augment = {}
     if stage.data_kind in CHAT_KINDS:  # MiniMind's defaults for the tokenizer's chat format where not given
-        for name, default in zip(("add_system_ratio", "drop_empty_think_ratio"), default_ratios(tokenizer.chat_format)):
+        names = ("add_system_ratio", "drop_empty_think_ratio")
+        for name, default in zip(names, default_ratios(tokenizer.chat_format)):
             if getattr(args, name) is None:
                 setattr(args, name, default)
             augment[name] = getattr(args, name)

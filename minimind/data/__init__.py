@@ -4,8 +4,8 @@ from minimind.data.cache import TokenCache, load_token_cache
 from minimind.data.jsonl import KINDS, DataError
 from minimind.data.loader import DPOLoader, Loader, PackedPretrainLoader, SequenceLoader
 
-__all__ = ["ChatAugmenter", "DataError", "DPOLoader", "KINDS", "Loader", "PackedPretrainLoader", "SequenceLoader", "TokenCache", "build_loader", "default_ratios",
-           "load_token_cache"]
+__all__ = ["ChatAugmenter", "DataError", "DPOLoader", "KINDS", "Loader", "PackedPretrainLoader", "SequenceLoader",
+           "TokenCache", "build_loader", "default_ratios", "load_token_cache"]
 
 
 def build_loader(kind, path, tokenizer, *, max_seq_len, batch_size, seed=42, rank=0, world_size=1, pack=True,

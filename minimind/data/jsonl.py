@@ -17,7 +17,7 @@ How a conversation is checked depends on the tokenizer's chat format (minimind.c
 A conversation is returned as (messages, tools): messages with JSON strings parsed, tools a list or None.
 """
 import json
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 KINDS = ("pretrain", "sft", "reason", "dpo")
 

@@ -342,3 +342,31 @@ def test_sft_stage_on_t2t_data(tok3, tmp_path, one_thread):  # noqa: F811
     assert load_tokenizer_for(done["weights_path"]).chat_format == "minimind3"
     with pytest.raises(engine.ConfigError, match="--add_system_ratio must be in"):
         sft.main(argv + ["--add_system_ratio", "2"])
+
+
+@pytest.mark.parametrize("which", ["trained", "real"])
+def test_proven_deletions_equal_checked_ones(tok3, which, monkeypatch):
+    """The think-drop edits that deletion_is_exact proves without tokenising again are those that tokenising the
+    stripped text gives (on the trained tokenizer and on minimind-3's own)."""
+    from minimind.chat_template import render
+    from minimind.data import augment
+    from tests.reference_files import reference_folder
+    tok = tok3 if which == "trained" else load_tokenizer(reference_folder("minimind3-tokenizer"))
+    assert augment.regex_byte_level(tok)
+    answers = ["x", " x", "  x", "\tx", "\u3000全角", "数据", "\n\nx", "<b>", "", "1+1", "'s", "  \n  odd"]
+    convs = [normalised(r) for r in t2t_records()] + [
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": a}], None) for a in answers] + [
+        ([{"role": "user", "content": f"literal {EMPTY_THINK}in a prompt"}, {"role": "assistant", "content": "a"}],
+         None)]
+    rendered = [render(tok.format, m, t) for m, t in convs]
+    encoded = tok.encode_rendered(rendered)
+    retokenised = []
+    encode = tok.encode_rendered
+    monkeypatch.setattr(tok, "encode_rendered", lambda r: retokenised.extend(r) or encode(r))
+    proven = augment.chat_extras(tok, convs, rendered, encoded)
+    assert 0 < len(retokenised) < len(convs) // 2  # only where no proof applies (whitespace after a block, ...)
+    monkeypatch.setattr(augment, "regex_byte_level", lambda tokenizer: False)
+    checked = augment.chat_extras(tok, convs, rendered, encoded)
+    for a, b in zip(proven, checked):
+        np.testing.assert_array_equal(a, b)
+    assert proven[1].sum() > len(convs)  # edits for (almost) every conversation; some are replacements

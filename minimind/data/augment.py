@@ -20,9 +20,11 @@ Adding a system turn is exact on tokens: a turn ends with `<|im_end|>\\n` and th
 `<|im_start|>`, which the tokenizer never merges across; the new turn replaces the format's default system turn
 (MiniMind2's "You are a helpful assistant"; minimind-3 has none). Dropping a think block mostly deletes its tokens
 (lo == hi); where the text after it would tokenise differently without it (an answer starting with whitespace that
-merges with the block's newlines), the re-tokenised stretch is stored. Every edit list is checked, when the cache is
-built, to give exactly the tokens and mask of the text with the blocks removed.
+merges with the block's newlines), the re-tokenised stretch is stored. When the cache is built, every edit list is
+either proven to give exactly the tokens and mask of the text with the blocks removed (`deletion_is_exact`: the
+common case, for the tokenizers of both MiniMind generations) or checked against tokenising that text.
 """
+import json
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -85,26 +87,29 @@ def strip_empty_think(text: str, spans: Sequence[Tuple[int, int]]):
     return text.replace(EMPTY_THINK, ""), [(moved(lo), moved(hi)) for lo, hi in spans], found
 
 
-def think_drop_edits(starts: np.ndarray, nbytes: int, ids, mask, blocks: List[int], new_ids, new_mask):
-    """Edits (start, stop, replacement ids, replacement mask) turning (ids, mask) into (new_ids, new_mask), the
-    tokens of the text without the empty think blocks at byte offsets `blocks`; `starts` are the tokens' byte
-    offsets. Deletions of the blocks' own tokens when that is exact, else one replacement of the stretch between
-    the first and last difference."""
-    n = len(EMPTY_THINK_BYTES)
-    cuts = []
+def block_cuts(starts: np.ndarray, nbytes: int, blocks: List[int]) -> Optional[List[Tuple[int, int]]]:
+    """Token ranges [a, b) of the blocks at byte offsets `blocks` (`starts`: the tokens' byte offsets), or None when
+    a block does not begin and end on token boundaries."""
+    n, cuts = len(EMPTY_THINK_BYTES), []
     for o in blocks:
         a, b = np.searchsorted(starts, o), np.searchsorted(starts, o + n)
         if a == len(starts) or starts[a] != o or not ((b < len(starts) and starts[b] == o + n) or
                                                       (b == len(starts) and o + n == nbytes)):
-            break
+            return None
         cuts.append((int(a), int(b)))
-    else:
+    return cuts
+
+
+def think_drop_edits(ids, mask, cuts, new_ids, new_mask):
+    """Edits (start, stop, replacement ids, replacement mask) turning (ids, mask) into (new_ids, new_mask), the
+    tokens of the text without the empty think blocks: deletions of the blocks' own tokens (`cuts`, or None) when
+    that gives them, else one replacement of the stretch between the first and the last difference."""
+    if cuts is not None:
         keep = np.ones(len(ids), dtype=bool)
         for a, b in cuts:
             keep[a:b] = False
         if np.array_equal(ids[keep], new_ids) and np.array_equal(mask[keep], new_mask):
-            empty = new_ids[:0]
-            return [(a, b, empty, new_mask[:0]) for a, b in cuts]
+            return [(a, b, new_ids[:0], new_mask[:0]) for a, b in cuts]
     same = min(len(ids), len(new_ids))
     diff = np.flatnonzero((ids[:same] != new_ids[:same]) | (mask[:same] != new_mask[:same]))
     p = int(diff[0]) if len(diff) else same
@@ -114,26 +119,69 @@ def think_drop_edits(starts: np.ndarray, nbytes: int, ids, mask, blocks: List[in
     return [(p, len(ids) - s, new_ids[p:len(new_ids) - s], new_mask[p:len(new_mask) - s])]
 
 
+def regex_byte_level(tokenizer) -> bool:
+    """Whether the tokenizer pre-tokenises with GPT-2's regex (ByteLevel, use_regex, no prefix space, no normalizer),
+    optionally after splitting off Han characters (our --split_han): the family for which deleting a block in its
+    template place is provably exact (see `deletion_is_exact`). MiniMind2's and minimind-3's tokenizers are."""
+    if tokenizer.fingerprint not in _REGEX_BYTE_LEVEL:
+        spec = json.loads(tokenizer.hf.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        last = parts[-1] if parts else {}
+        han = {"type": "Split", "pattern": {"Regex": "\\p{Han}"}, "behavior": "Isolated", "invert": False}
+        _REGEX_BYTE_LEVEL[tokenizer.fingerprint] = (
+            spec.get("normalizer") is None and last.get("type") == "ByteLevel" and last.get("use_regex") is True
+            and last.get("add_prefix_space") is False and all(p == han for p in parts[:-1]))
+    return _REGEX_BYTE_LEVEL[tokenizer.fingerprint]
+
+
+_REGEX_BYTE_LEVEL = {}
+TEMPLATE_PLACE = b"<|im_start|>assistant\n"
+
+
+def deletion_is_exact(data: bytes, o: int) -> bool:
+    """For a regex_byte_level tokenizer: deleting the block at byte offset o only deletes its own tokens, when the
+    block sits in its template place (right after `<|im_start|>assistant\\n`) and is followed by the end of the text
+    or a character that is not whitespace. Why: the added tokens <|im_start|>, <think>, </think> cut the text into
+    pieces that are tokenised apart, so only the pieces "assistant\\n" and "\\n\\n" + C change, into "assistant\\n" +
+    C. In GPT-2's regex a pre-token holding a newline is all whitespace (the only prefix other pre-tokens take is
+    one space), so with C[0] not whitespace both split right before C, and C is pre-tokenised from there as on
+    its own (the regex looks back at nothing): C's tokens are the same, and "assistant\\n" keeps its own."""
+    nxt = data[o + len(EMPTY_THINK_BYTES):o + len(EMPTY_THINK_BYTES) + 4].decode("utf-8", errors="ignore")[:1]
+    return data[max(0, o - len(TEMPLATE_PLACE)):o] == TEMPLATE_PLACE and not nxt.isspace()
+
+
 def chat_extras(tokenizer, conversations, rendered, encoded):
     """The ChatExtras arrays of one block of sequences, replacement offsets relative to the block:
-    (system_ok (n,), edit counts (n,), edits (E, 4), repl_tokens, repl_mask)."""
+    (system_ok (n,), edit counts (n,), edits (E, 4), repl_tokens, repl_mask). Think-drop edits are deletions where
+    `deletion_is_exact` proves them so; every other sequence with empty think blocks is tokenised again without
+    them and compared (think_drop_edits)."""
     system_ok = np.asarray([not tools and not (msgs and msgs[0]["role"] == "system")
                             for msgs, tools in conversations], dtype=np.uint8)
-    todo = [i for i, (text, _) in enumerate(rendered) if EMPTY_THINK in text]
-    stripped = [strip_empty_think(*rendered[i]) for i in todo]
-    new = tokenizer.encode_rendered([(text, spans) for text, spans, _ in stripped])
+    proven = regex_byte_level(tokenizer)
+    per_sequence, check = {}, []
+    for i, (text, spans) in enumerate(rendered):
+        if EMPTY_THINK not in text:
+            continue
+        data = text.encode("utf-8")
+        stripped, new_spans, blocks = strip_empty_think(text, spans)
+        cuts = block_cuts(tokenizer.token_starts(encoded[i][0]), len(data), blocks)
+        if proven and cuts is not None and all(deletion_is_exact(data, o) for o in blocks):
+            mask = encoded[i][1]
+            per_sequence[i] = [(a, b, encoded[i][0][:0], mask[:0]) for a, b in cuts]
+        else:
+            check.append((i, cuts, (stripped, new_spans)))
+    for (i, cuts, _), (new_ids, new_mask) in zip(check, tokenizer.encode_rendered([r for _, _, r in check])):
+        per_sequence[i] = think_drop_edits(*encoded[i], cuts, new_ids, new_mask)
     counts = np.zeros(len(rendered), dtype=np.int64)
     edits, repl_tokens, repl_mask, r = [], [], [], 0
-    for i, (_, _, blocks), (new_ids, new_mask) in zip(todo, stripped, new):
-        ids, mask = encoded[i]
-        starts = tokenizer.token_starts(ids)
-        nbytes = len(rendered[i][0].encode("utf-8"))
-        for a, b, rt, rm in think_drop_edits(starts, nbytes, ids, mask, blocks, new_ids, new_mask):
+    for i in sorted(per_sequence):
+        for a, b, rt, rm in per_sequence[i]:
             edits.append((a, b, r, r + len(rt)))
             repl_tokens.append(rt)
             repl_mask.append(rm)
             r += len(rt)
-            counts[i] += 1
+        counts[i] = len(per_sequence[i])
     edits = np.asarray(edits, dtype=np.int64).reshape(-1, 4)
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
     return system_ok, counts, edits, cat(repl_tokens, np.uint16), cat(repl_mask, np.uint8)

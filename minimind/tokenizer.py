@@ -35,7 +35,8 @@ def tokenizer_config(fmt: ChatFormat, added_tokens) -> dict:
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "added_tokens_decoder": added, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
         "clean_up_tokenization_spaces": False, "legacy": True, "sp_model_kwargs": {},
-        "spaces_between_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast", **fmt.config_extra, "chat_template": fmt.template,
+        "spaces_between_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast", **fmt.config_extra,
+        "chat_template": fmt.template,
     }
 
 

@@ -280,10 +280,11 @@ def test_parse_tool_calls():
                                                                                      calls[0]["id"])
 
 
-@pytest.mark.parametrize("messages,tools", [c[1:] for c in CASES if any(m.get("tool_calls") or m.get("reasoning_content")
-                                                                          for m in c[1])],
-                         ids=[c[0] for c in CASES if any(m.get("tool_calls") or m.get("reasoning_content")
-                                                         for m in c[1])])
+WITH_CALLS_OR_REASONING = [c for c in CASES if any(m.get("tool_calls") or m.get("reasoning_content") for m in c[1])]
+
+
+@pytest.mark.parametrize("messages,tools", [c[1:] for c in WITH_CALLS_OR_REASONING],
+                         ids=[c[0] for c in WITH_CALLS_OR_REASONING])
 def test_a_parsed_reply_renders_back_to_the_same_text(real, messages, tools):
     """The assistant text the template renders, read back with parse_reply (as a generated reply after the thinking
     generation prompt), renders to the same text again: generation, serving and RL see one format."""

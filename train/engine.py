@@ -93,6 +93,7 @@ class Stage:
 
 # --------------------------------------------------------------------------------------------------- flags
 
+CHAT_KINDS = ("sft", "reason")  # data kinds with MiniMind's SFT augmentations (minimind.data.augment)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -162,6 +163,13 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     o.add_argument("--stop_after", type=int, default=0,
                    help="(testing) stop as on SIGINT after N optimizer steps of this run: save the resume state, "
                         "exit 130 (under torchrun: a failed worker, exit 1)")
+    if stage.data_kind in CHAT_KINDS:
+        o.add_argument("--add_system_ratio", type=float, default=None,
+                       help="probability of giving a conversation without system message or tools one of MiniMind's "
+                            "10 system prompts (default: 0.2 for a minimind-3 tokenizer, 0 for MiniMind2's)")
+        o.add_argument("--drop_empty_think_ratio", type=float, default=None,
+                       help="probability of removing a conversation's empty <think></think> blocks (default: 0.8 "
+                            "for a minimind-3 tokenizer, 0 for MiniMind2's)")
     if stage.add_args:
         stage.add_args(p)
     p.set_defaults(**stage.defaults)
@@ -581,6 +589,10 @@ def _check_args(args, stage):
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("--use_wandb needs wandb: pip install -e '.[wandb]'") from None
+    for name in ("add_system_ratio", "drop_empty_think_ratio"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1], got {value}")
     if args.from_resume not in ("0", "1") and not Path(args.from_resume).exists():
         raise ConfigError(f"--from_resume {args.from_resume}: no such file")
     return device
@@ -700,7 +712,7 @@ def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, 
 
 
 def _train(stage, args, device, dist):
-    from minimind.data import build_loader
+    from minimind.data import build_loader, default_ratios
     from minimind.tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
@@ -719,9 +731,17 @@ def _train(stage, args, device, dist):
     resume_path = weights_path.with_name(weights_path.stem + ("_resume_ds" if args.deepspeed else "_resume.pt"))
     resume_from = _resume_source(args, resume_path)
 
+    augment = {}
+    if stage.data_kind in CHAT_KINDS:  # MiniMind's defaults for the tokenizer's chat format where not given
+        names = ("add_system_ratio", "drop_empty_think_ratio")
+        for name, default in zip(names, default_ratios(tokenizer.chat_format)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+            augment[name] = getattr(args, name)
     loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
                           batch_size=args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size,
-                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records)
+                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records,
+                          **augment)
     steps_per_epoch = _min_over_processes(len(loader) // args.accumulation_steps, dist, device)
     if steps_per_epoch < 1:
         raise ConfigError(f"--data_path {args.data_path} gives {len(loader)} batches of {args.batch_size} per "

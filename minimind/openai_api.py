@@ -24,6 +24,8 @@ from minimind.generate import SamplingConfig
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # each (the reply is searched for every stop sequence after every token)
+MAX_TOP_K = 1 << 20  # past any vocabulary: "all tokens", in a number a tensor can hold
 
 # Fields OpenAI has and this server refuses, with the reason given to the client.
 NOT_SUPPORTED = {
@@ -63,6 +65,9 @@ def integer(**constraints):
     """An integer as JSON Schema has it: 2.0 is one (strict pydantic would refuse it); 2.5, "2" and true are not.
     The constraints (ge=1, ...) come first, or the schema gets pydantic's names for them instead of JSON Schema's."""
     return Annotated[int, Field(**constraints), BeforeValidator(_integral_float_as_int)]
+
+
+StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class RequestError(Exception):
@@ -109,13 +114,12 @@ class ChatRequest(BaseModel):
     max_tokens: Optional[integer(ge=1)] = Field(None, description="the older name of max_completion_tokens")
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 = greedy")
     top_p: Optional[float] = Field(None, ge=0, le=1)
-    top_k: Optional[integer(ge=0)] = Field(None, description="keep the k most likely tokens; 0 = all (vLLM's field)")
+    top_k: Optional[integer(ge=0, le=MAX_TOP_K)] = Field(None, description="keep the k most likely tokens; 0 = all "
+                                                                         "(vLLM's field)")
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100, description="1 = off (vLLM's field); the "
                                                 "range keeps penalised logits finite")
     seed: Optional[integer()] = Field(None, description="any integer (the sampler takes it modulo 2**64)")
-    stop: Union[Annotated[str, Field(min_length=1)],
-                Annotated[List[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_SEQUENCES)],
-                None] = None
+    stop: Union[StopSequence, Annotated[List[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
     # neutral values only
     n: Optional[integer(ge=1, le=1)] = None
     frequency_penalty: Optional[float] = Field(None, ge=0, le=0)

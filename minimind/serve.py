@@ -106,13 +106,14 @@ class APIError(Exception):
 # ---------------------------------------------------------------- HTTP: framing, timeouts, access
 
 class LingeringTransport:
-    """An asyncio transport whose close() first ends the writing side (FIN after the last response) and lets the
-    client finish sending for up to `linger_s` seconds, discarding what it sends, before it really closes. Closing
-    a socket with unread bytes in it makes the kernel reset the connection, and a client still sending a body (one
-    answered 413, say) then loses the answer it was about to read."""
+    """An asyncio transport whose close(), while the client may still be sending (`client_sending()`), first ends
+    the writing side (FIN after the last response) and lets the client finish for up to `linger_s` seconds,
+    discarding what it sends, before it really closes. Closing a socket with unread bytes in it makes the kernel
+    reset the connection, and a client still sending a body (one answered 413, say) then loses the answer it was
+    about to read."""
 
-    def __init__(self, transport, loop, linger_s: float):
-        self._transport, self._loop, self._linger_s = transport, loop, linger_s
+    def __init__(self, transport, loop, linger_s: float, client_sending):
+        self._transport, self._loop, self._linger_s, self._client_sending = transport, loop, linger_s, client_sending
         self.lingering = False
 
     def __getattr__(self, name):
@@ -122,7 +123,8 @@ class LingeringTransport:
         return self.lingering or self._transport.is_closing()
 
     def close(self):
-        if self.lingering or self._transport.is_closing() or not self._transport.can_write_eof():
+        if (self.lingering or self._transport.is_closing() or not self._transport.can_write_eof()
+                or not self._client_sending()):
             self._transport.close()
             return
         self.lingering = True
@@ -140,7 +142,7 @@ class HTTPProtocol(H11Protocol):
     for up to keep_alive_timeout seconds), so an error answered before a body was read reaches its client."""
 
     def connection_made(self, transport):
-        super().connection_made(LingeringTransport(transport, self.loop, self.timeout_keep_alive))
+        super().connection_made(LingeringTransport(transport, self.loop, self.timeout_keep_alive, self._client_sending))
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes):
@@ -153,6 +155,11 @@ class HTTPProtocol(H11Protocol):
                 self.timeout_keep_alive_task = timer  # still no whole request head
             else:
                 timer.cancel()
+
+    def _client_sending(self) -> bool:
+        """Whether the client may be in the middle of a request: its body, a head cut short, or bytes h11 refused."""
+        state = self.conn.their_state
+        return state in (h11.SEND_BODY, h11.ERROR) or (state is h11.IDLE and bool(self.conn.trailing_data[0]))
 
     def timeout_keep_alive_handler(self):
         if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and not self.transport.is_closing():
@@ -296,7 +303,7 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
     async def server_error(request, e: Exception):
         return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"), headers={
             "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"})
@@ -399,13 +406,13 @@ async def answer_unless_gone(job: Job, request: Request) -> Optional[str]:
             pass
     text, watch = asyncio.ensure_future(job.text()), asyncio.ensure_future(gone())
     try:
-        await asyncio.wait({text, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({text, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not text.done():
             job.cancel()
             text.cancel()
-    if text.cancelled():
+    if text not in done:
         return None
     try:
         return text.result()

@@ -55,12 +55,14 @@ def _false_only(value: bool) -> bool:
     return value
 
 
+# false and nothing else (Literal[False] would take a 0)
+FalseOnly = Annotated[bool, AfterValidator(_false_only), WithJsonSchema({"type": "boolean", "const": False})]
+
+
 def _integral_float_as_int(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-# false and nothing else (Literal[False] would take a 0)
-FalseOnly = Annotated[bool, AfterValidator(_false_only), WithJsonSchema({"type": "boolean", "const": False})]
 def integer(**constraints):
     """An integer as JSON Schema has it: 2.0 is one (strict pydantic would refuse it); 2.5, "2" and true are not.
     The constraints (ge=1, ...) come first, or the schema gets pydantic's names for them instead of JSON Schema's."""

@@ -142,7 +142,8 @@ class HTTPProtocol(H11Protocol):
     for up to keep_alive_timeout seconds), so an error answered before a body was read reaches its client."""
 
     def connection_made(self, transport):
-        super().connection_made(LingeringTransport(transport, self.loop, self.timeout_keep_alive, self._client_sending))
+        transport = LingeringTransport(transport, self.loop, self.timeout_keep_alive, self._client_sending)
+        super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes):
@@ -172,9 +173,15 @@ class HTTPProtocol(H11Protocol):
                                    "conflicting Content-Length headers, no Host header, or a head over 16 KiB)"))
 
     def _refuse(self, error: APIError):
-        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
-            self.transport.close()  # an answer is already on its way: it cannot be replaced
-            return
+        """Answer `error` and close, whatever h11's state; an application still at this request sees the client
+        gone from now on."""
+        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()  # an answer is already on its way: it cannot be replaced
+                return
         body = json.dumps(error.body()).encode()
         head = (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
@@ -254,7 +261,6 @@ class Gate:
         if length is not None and int(length) > self.cfg.max_body_bytes:
             raise APIError(413, f"the body is {int(length)} bytes; this server takes at most "
                                 f"{self.cfg.max_body_bytes} (--max_body_bytes)", close=True)
-
 
 
 def has_body(headers: Headers) -> bool:

@@ -460,7 +460,8 @@ def make_server(scheduler: Scheduler, cfg: ServeConfig, host: str = "127.0.0.1",
     `server.should_exit = True`). The socket is bound and listening already, so port 0 has its number."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=2048)
-    config = uvicorn.Config(build_app(scheduler, cfg), http=HTTPProtocol, lifespan="on", server_header=False,
+    config = uvicorn.Config(build_app(scheduler, cfg), http=HTTPProtocol, ws="none", proxy_headers=False,
+                            lifespan="on", server_header=False,
                             timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=5,
                             log_level="info" if verbose else "warning", access_log=verbose)
     return uvicorn.Server(config), sock

@@ -140,7 +140,9 @@ def multi_tensor_kernels(lists):
 
 
 def _category(name, node):
-    """A class for an ATen op outside any backend op."""
+    """A class for an ATen op (or Triton kernel) outside any backend op."""
+    if not name.startswith("aten."):
+        return "other Triton" if "." not in name else "other"
     packet = name.split(".")[1]
     if packet in MATMULS:
         return "matmul"
@@ -510,7 +512,8 @@ GUARDED_OPS = {
 
 @dataclass
 class OpCount:
-    """One backend op's forward and backward at given inputs: its launches and the least traffic it could have."""
+    """One backend op's forward and backward at given inputs: its launches (those of autograd's gradient
+    accumulation into the leaf inputs are counted but are not the op's) and the least traffic it could have."""
     name: str
     launches: list
     minimum_forward: int
@@ -518,25 +521,26 @@ class OpCount:
     allocations: list
 
     def bytes(self, phase=None):
-        return sum(l.bytes for l in self.launches if phase in (None, l.phase))
+        return sum(l.bytes for l in self.launches if l.op == self.name and phase in (None, l.phase))
 
     @property
     def ratio(self):
         return self.bytes() / (self.minimum_forward + self.minimum_backward)
 
 
-def count_op(name, make_inputs, backward_reads=None, backend="triton", sms=132, mask_fraction=None):
-    """Forward and backward of backend op `name` on make_inputs() (fake tensors, made inside), counted.
+def count_op(name, make_inputs, backward_reads=None, backend="triton", sms=132, mask_fraction=None, autocast=None):
+    """Forward and backward of backend op `name` on make_inputs() (fake tensors, made inside), counted; under
+    autocast to that dtype when given (as the engine runs the model).
     The minimum: forward reads every input once and writes every output once; backward reads the output
     gradients and backward_reads(inputs, outputs) (default: the inputs) and writes the inputs' gradients."""
     from kernels import get_backend
-    fn = getattr(get_backend(backend), name)
+    ops = get_backend(backend)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     counter = LaunchCounter(mask_fraction)
-    with as_on_cuda(sms), intercept_triton(counter), fake:
+    with as_on_cuda(sms), intercept_triton(counter), fake, label_backend_ops(ops, counter):
         inputs = make_inputs()
-        with counter:
-            outputs = _tensors(fn(*inputs))
+        with counter, (torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()):
+            outputs = _tensors(getattr(ops, name)(*inputs))
         grads = [torch.empty_like(o) for o in outputs if o.requires_grad]
         with counter:
             torch.autograd.backward([o for o in outputs if o.requires_grad], grads)

@@ -6,13 +6,14 @@
 
 The step is bench.throughput's (TrainStep: the engine's train_step: forward, loss, backward, clip, AdamW) at a
 MiniMind batch, run on fake tensors (torch's FakeTensorMode: shapes, dtypes and strides, no data, no arithmetic),
-with the state a first step leaves (AdamW's moments, the GradScaler's scale) made beforehand. A dispatch mode below autograd sees every ATen
-op, and a patched Triton launcher sees every kernel launch with its grid and arguments (the kernel never runs, so
-no Triton kernel runs at full size under the interpreter; its outputs are fake tensors the wrapper allocated).
+with the state a first step leaves (AdamW's moments, the GradScaler's scale) made beforehand. A dispatch mode below
+autograd sees every ATen op, and a patched Triton launcher sees every kernel launch with its grid and arguments (the
+kernel never runs, so no Triton kernel runs at full size under the interpreter; its outputs are the fake tensors
+its wrapper allocated).
 
 Launches. An ATen op launches a kernel when it writes a tensor: it returns one that is not a view of an input, or
 it writes an argument in place. Views, metadata and allocation (torch.empty) launch nothing. Most ops are one CUDA
-kernel; the exceptions (`_cuda_kernels`): multi-tensor ops (torch._foreach_*, fused AdamW, the GradScaler's
+kernel; the exceptions: multi-tensor ops (torch._foreach_*, fused AdamW, the GradScaler's
 unscale) launch one kernel per 320 chunks of 65,536 elements or per 110/64/48/36/30 tensors (1-5 tensor lists), as
 ATen's multi_tensor_apply does; FlashAttention-2's backward is 3 kernels (+2 summing the expanded dk, dv under
 GQA); a boolean mask index costs a nonzero() (1 kernel) and a host sync first; embedding's backward (a sort of the
@@ -26,9 +27,10 @@ without one (liger's) counts each tensor argument once, as read ("estimate"). AT
 argument written once; an argument an op only overwrites (copy_, fill_, zero_) is not read. Flash attention adds
 its backward's float32 dq accumulator, its preprocessing pass over dO and O and, under GQA, the expanded dk, dv.
 
-FLOPs. ATen: torch.utils.flop_counter's formulas (matmuls, attention: QK^T and AV as full squares, the backward
-with its recomputation). Triton: the kernel file's `flops(kernel, grid, args)` where it has one (the MoE grouped
-GEMMs). exec_flops is what a GPU executes: causal attention skips about half of the square.
+FLOPs, as executed (recomputation included). ATen: torch.utils.flop_counter's formulas (matmuls; attention: QK^T
+and AV as full squares, the backward with its recomputation). Triton: the kernel file's `flops(kernel, grid, args)`
+where it has one (the MoE grouped GEMMs, whose backward recomputes gate and up). exec_flops is what a GPU spends
+time on: causal attention skips about half of the square.
 
 Where the CPU run departs from CUDA, and how `as_on_cuda(sms)` brings it back:
 - tensors live on a fake CPU device, so CPU autocast stands in for CUDA's: both run matmuls and attention in the
@@ -113,10 +115,10 @@ def _tensors(value):
     return []
 
 
-def _argument(schema_arg, i, args, kwargs):
-    if not schema_arg.kwarg_only and i < len(args):
-        return args[i]
-    return kwargs.get(schema_arg.name)
+def _named(func, args, kwargs):
+    """[(schema argument, value)] of an ATen call."""
+    return [(a, args[i] if not a.kwarg_only and i < len(args) else kwargs.get(a.name, a.default_value))
+            for i, a in enumerate(func._schema.arguments)]
 
 
 def multi_tensor_kernels(lists):
@@ -194,9 +196,10 @@ class LaunchCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in (aten._local_scalar_dense.default, aten.equal.default):  # a value read back: 0, not equal
             phase, node = self.phase()
-            self.add(Launch(str(func), "sync", phase, self.label(str(func), node), kernels=int(func is aten.equal.default),
+            equal = func is aten.equal.default  # compares on the device (a kernel), then reads the answer back
+            self.add(Launch(str(func), "sync", phase, self.label(str(func), node), kernels=int(equal),
                             read=sum(map(footprint, args)), syncs=1))
-            return False if func is aten.equal.default or args[0].dtype == torch.bool else 0
+            return False if equal or args[0].dtype == torch.bool else 0
         if func.__name__.split(".")[0] in ("index", "index_put", "index_put_", "_index_put_impl_"):
             args = self._boolean_indices(func, args)
         out = func(*args, **kwargs)
@@ -222,8 +225,7 @@ class LaunchCounter(TorchDispatchMode):
     def _record(self, func, args, kwargs, out):
         schema, packet = func._schema, func.__name__.split(".")[0]
         read, written, lists = [], [], []
-        for i, a in enumerate(schema.arguments):
-            value = _argument(a, i, args, kwargs)
+        for a, value in _named(func, args, kwargs):
             tensors = _tensors(value)
             if isinstance(value, (list, tuple)) and tensors:
                 lists.append(tensors)
@@ -254,7 +256,7 @@ class LaunchCounter(TorchDispatchMode):
         if packet_op in flop_registry:
             launch.flops = launch.exec_flops = int(flop_registry[packet_op](*args, **kwargs, out_val=out))
         if packet in FLASH_FORWARD or packet in FLASH_BACKWARD:
-            _flash_attention(launch, packet, args, kwargs)
+            _flash_attention(launch, packet, {a.name: v for a, v in _named(func, args, kwargs)})
         self.add(launch)
 
     def triton(self, kernel, grid, args):
@@ -279,12 +281,12 @@ class LaunchCounter(TorchDispatchMode):
         self.add(launch)
 
 
-def _flash_attention(launch, packet, args, kwargs):
-    """Count SDPA's flash kernel (CPU's or CUDA's) as FlashAttention-2 on CUDA: q, k, v (B, H, T, D)."""
+def _flash_attention(launch, packet, args):
+    """Count SDPA's flash kernel (CPU's or CUDA's) as FlashAttention-2 on CUDA: q, k, v (B, H, T, D); args by
+    name."""
     backward = packet in FLASH_BACKWARD
-    grad_out, (q, k, v) = (args[0], args[1:4]) if backward else (None, args[0:3])
-    causal = bool(args[7] if backward and len(args) > 7 else args[4] if not backward and len(args) > 4
-                  else kwargs.get("is_causal", False))
+    q, k, v, grad_out = args["query"], args["key"], args["value"], args.get("grad_out")
+    causal = bool(args["is_causal"])
     launch.name = "aten._scaled_dot_product_flash_attention" + ("_backward" if backward else "") + ".default"
     if backward:
         launch.flops = sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)

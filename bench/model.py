@@ -135,6 +135,14 @@ def findings(doc):
             lines.append(f"{preset} {variant}: {rows[0]['launches']:,} launches, {rows[0]['syncs']} host syncs per "
                          f"step; launch overhead is {100 * lo['share_launch']:.0f}% ({lo['gpu']}) to "
                          f"{100 * hi['share_launch']:.0f}% ({hi['gpu']}) of the modelled step.")
+    for step in doc["steps"]:
+        if step["variant"] == "triton" and step["preset"] == "small":
+            top = sorted(step["by_op"].items(), key=lambda kv: -kv[1]["launches"])[:3]
+            lines.append(f"Most launches of the small triton step: " + ", ".join(
+                f"{op} {t['launches']} ({t['bytes'] / 1e9:.1f} GB)" for op, t in top) + ". 'casts and copies' are "
+                "autocast's: every float32 weight cast to the autocast dtype in the forward and its gradient cast "
+                "back in the backward, and the float32 residual stream's norm outputs cast once per projection "
+                "that reads them.")
     heavy = [r for r in doc["projections"] if r["variant"] == "triton" and r["share_launch"] > LAUNCH_HEAVY]
     if heavy:
         worst = max(heavy, key=lambda r: r["share_launch"])

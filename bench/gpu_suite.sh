@@ -14,8 +14,8 @@
 # workers, used when installed] | kernels 90 [~80: no new measurement after 65 s, no torch.compile one with
 # < 25 s of that left] | throughput 185 [~155: none after 140 s, no compiled one with < 60 s of that left] |
 # cost 10 [~2] | benchmarks 30 [~20] | summary 20 [~5]. About 5.5 min expected; every part at its limit and killed
-# 5 s after it, 475 s (< 8 min). The compile report (CPU only) runs in the background from the start (limit 300) and is waited for
-# at the end, inside the others' time.
+# 5 s after it, 475 s (< 8 min). The compile report (CPU only) runs in the background from the start (limit 300)
+# and is waited for at the end, inside the others' time.
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"

@@ -343,8 +343,8 @@ def as_on_cuda(sms):
         stack.enter_context(mock.patch.object(torch.Tensor, "is_cuda", property(lambda self: True)))
         stack.enter_context(mock.patch.dict(os.environ, env, clear=True))
         stack.enter_context(mock.patch("torch.cuda.get_device_properties", lambda device=None: props))
-        stack.enter_context(mock.patch.object(
-            rms_norm, "rms_norm_bwd_programs", lambda rows, warps, device: programs(rows, warps, torch.device("cuda", 0))))
+        stack.enter_context(mock.patch.object(rms_norm, "rms_norm_bwd_programs",
+                                              lambda rows, warps, device: programs(rows, warps, torch.device("cuda"))))
         stack.enter_context(mock.patch("torch.utils._foreach_utils._foreach_supported_types",
                                        [torch.Tensor, FakeTensor]))
         yield

@@ -211,7 +211,8 @@ def markdown(doc):
     for g, cal in doc["calibration"].items():
         c = cal["constants"]
         source = (f"calibrated from bench/results/{c['calibrated_from']} (measured copy bandwidth and matmul rate; "
-                  "launch overhead fitted to its step times)" if c.get("calibrated_from") else "datasheet, uncalibrated")
+                  "launch overhead fitted to its step times)" if c.get("calibrated_from")
+                  else "datasheet, uncalibrated")
         lines.append(f"- {g}: {f(c.get('gbps'))} GB/s, {f(c.get('tflops'))} TFLOP/s, {f(c.get('launch_us'))} us "
                      f"per launch, {f(c.get('sync_us'))} us per sync: {source}.")
         for m in cal["measured_vs_modelled"]:

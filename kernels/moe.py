@@ -438,7 +438,8 @@ def traffic(kernel, grid, args):
         return out
     if kernel == "_rows_to_slots_kernel":
         R, C = args["R"], args["C"]
-        out = {**common, "A1": (size("A1", M * R), 0), "B1": (size("B1", used * R * C), 0), "OUT": (0, size("OUT", M * C))}
+        out = {**common, "A1": (size("A1", M * R), 0), "B1": (size("B1", used * R * C), 0),
+               "OUT": (0, size("OUT", M * C))}
         if args["TWO"]:
             out.update(A2=(size("A2", M * R), 0), B2=(size("B2", used * R * C), 0))
         return out

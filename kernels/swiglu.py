@@ -79,4 +79,5 @@ def traffic(kernel, grid, args):
         reads, writes = ("DY", "G", "U"), ("DG", "DU")
     else:
         return None
-    return {**{a: (n * args[a].element_size(), 0) for a in reads}, **{a: (0, n * args[a].element_size()) for a in writes}}
+    return {**{a: (n * args[a].element_size(), 0) for a in reads},
+            **{a: (0, n * args[a].element_size()) for a in writes}}

@@ -42,8 +42,9 @@ def test_memory_bound_op_moves_at_most_1_1x_its_minimum(op, dtypes):
         count = launches.count_guarded_op(op, launches.Shapes(hidden, act=act, stream=stream), sms=SMS)
         assert all(l.traffic in ("formula", "sizes") for l in count.launches), count.launches
         limit, why = KNOWN_EXCESS.get((op, dtypes), (LIMIT, None))
+        minimum = count.minimum_forward + count.minimum_backward
         assert count.ratio <= limit, (f"{op} at hidden {hidden} ({dtypes}) moves {count.ratio:.3f} x its minimum "
-                                      f"({count.bytes() / 1e6:.0f} MB against {(count.minimum_forward + count.minimum_backward) / 1e6:.0f} MB): "
+                                      f"({count.bytes() / 1e6:.0f} MB against {minimum / 1e6:.0f} MB): "
                                       + "; ".join(f"{l.name} {l.phase} {l.op} {l.bytes / 1e6:.1f} MB"
                                                   for l in count.launches))
         if why:

@@ -82,6 +82,24 @@ def count_all(presets, variants, gpus, skipped):
     return counts
 
 
+def fused_ops(presets, sms):
+    """Each memory-bound fused op of the triton backend (bench.launches.GUARDED_OPS) at one layer's call of each
+    preset, forward + backward, under bf16 autocast: the bytes it moves against the least it must move."""
+    from bench import launches
+    from minimind.config import MiniMindConfig
+    rows = []
+    for preset in presets:
+        cfg = MiniMindConfig.from_preset(preset)
+        shapes = launches.Shapes(cfg.hidden_size, tokens=BATCH * SEQ, seq=SEQ, heads=cfg.num_attention_heads,
+                                 kv_heads=cfg.num_key_value_heads)
+        for op in launches.GUARDED_OPS:
+            c = launches.count_guarded_op(op, shapes, sms)
+            rows.append({"preset": preset, "op": op, "hidden": cfg.hidden_size, "bytes": c.bytes(),
+                         "minimum_bytes": c.minimum_forward + c.minimum_backward, "ratio": c.ratio,
+                         "launches": sum(l.kernels for l in c.launches if l.op == op)})
+    return rows
+
+
 def _step_for(counts, preset, variant, g):
     return counts.get((preset, variant, g.sms)) or counts.get((preset, variant, None))
 
@@ -114,6 +132,7 @@ def build(presets, variants, gpu_names, results_dir):
         doc["calibration"][g.name] = {"constants": dataclasses.asdict(calibrated), "measured_vs_modelled": measured}
         doc["projections"] += [{"preset": p, "variant": v, **roofline.project(s, calibrated)}
                                for (p, v, _, _), s in steps.items()]
+    doc["fused_ops"] = fused_ops(presets, gpus[0].sms) if "triton" not in skipped else []
     doc["findings"] = findings(doc)
     return doc
 
@@ -135,7 +154,11 @@ def findings(doc):
             lines.append(f"{preset} {variant}: {rows[0]['launches']:,} launches, {rows[0]['syncs']} host syncs per "
                          f"step; launch overhead is {100 * lo['share_launch']:.0f}% ({lo['gpu']}) to "
                          f"{100 * hi['share_launch']:.0f}% ({hi['gpu']}) of the modelled step.")
-    for step in doc["steps"]:
+    over = [r for r in doc.get("fused_ops", []) if r["ratio"] > 1.1]
+    if over:
+        lines.append("Fused ops above 1.1x their minimum traffic: " + ", ".join(
+            f"{r['op']} ({r['preset']}) {r['ratio']:.2f}x" for r in over) + " (see tests/test_perf_guard.py).")
+    for step in doc.get("steps", []):
         if step["variant"] == "triton" and step["preset"] == "small":
             top = sorted(step["by_op"].items(), key=lambda kv: -kv[1]["launches"])[:3]
             lines.append(f"Most launches of the small triton step: " + ", ".join(
@@ -206,6 +229,12 @@ def markdown(doc):
             rows.append(row)
         lines.append(report.markdown_table(rows, [("op", "op"), ("ours (triton)", "ours (triton)"),
                                                   ("MiniMind2-style", "MiniMind2-style")]))
+    if doc["fused_ops"]:
+        lines += ["", "### Fused ops against the least traffic they need (triton, one layer's call, forward + backward, "
+                      "bf16 autocast; tests/test_perf_guard.py holds them to 1.1x)", ""]
+        lines.append(report.markdown_table(doc["fused_ops"], [
+            ("preset", "preset"), ("op", "op"), ("launches", "launches"), ("MB moved", lambda r: r["bytes"] / 1e6),
+            ("MB minimum", lambda r: r["minimum_bytes"] / 1e6), ("ratio", "ratio")]))
     lines += ["", "### What the model shows", ""] + [f"- {x}" for x in doc["findings"]]
     lines += ["", "### Constants and calibration", ""]
     for g, cal in doc["calibration"].items():

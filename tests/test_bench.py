@@ -243,7 +243,7 @@ def test_gpu_suite_end_to_end_on_cpu(tmp_path):
     assert cr["rows"] and not cr["failures"] and all(r["cc"] == 90 for r in cr["rows"])
     if importlib.util.find_spec("pytest_benchmark"):  # the pytest-benchmark part (CPU loaders in the smoke run)
         names = [b["name"] for b in json.loads((out / "benchmarks.json").read_text())["benchmarks"]]
-        assert sorted(names) == sorted(f"test_loader[{k}-{p}]" for k in ("pretrain", "sft") for p in (True, False))
+        assert sorted(names) == ["test_loader[pretrain-False]", "test_loader[pretrain-True]"]
         assert "## pytest-benchmark" in summary and "loader_tokens_s" in summary
 
 

@@ -1,15 +1,13 @@
 """The tokenizer: bundled folder, MiniMind2 chat template equivalence, loss masks, and the training command."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from minimind.chat_template import MINIMIND2_TEMPLATE as CHAT_TEMPLATE
 from minimind.data import DataError
-from minimind.tokenizer import BUNDLED_TOKENIZER, CHAT_TEMPLATE, load_tokenizer
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind-tokenizer"
-needs_real = pytest.mark.skipif(not (REAL / "tokenizer.json").is_file(), reason="reference MiniMind tokenizer absent")
+from minimind.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
+from tests.reference_files import reference_folder
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}],
@@ -28,7 +26,12 @@ def bundled():
 
 
 @pytest.fixture(scope="module")
-def real():
+def REAL():
+    return reference_folder("minimind-tokenizer")
+
+
+@pytest.fixture(scope="module")
+def real(REAL):
     return load_tokenizer(REAL)
 
 
@@ -49,9 +52,8 @@ def render_with_jinja(messages, template):
     return jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=False)
 
 
-@needs_real
 @pytest.mark.parametrize("conv", CONVERSATIONS, ids=["plain", "system", "multi-turn", "ends-with-user"])
-def test_chat_template_matches_minimind_jinja(real, conv):
+def test_chat_template_matches_minimind_jinja(REAL, real, conv):
     template = json.loads((REAL / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
     assert template == CHAT_TEMPLATE
     text = render_with_jinja(conv, template)
@@ -61,8 +63,7 @@ def test_chat_template_matches_minimind_jinja(real, conv):
     assert len(mask) == len(ids)
 
 
-@needs_real
-def test_chat_ids_match_transformers(real):
+def test_chat_ids_match_transformers(REAL, real):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(REAL))
     for conv in CONVERSATIONS:
@@ -91,7 +92,6 @@ def minimind2_loss_mask(ids, tok):
     return mask
 
 
-@needs_real
 def test_loss_mask_is_minimind2s(real):
     for conv in CONVERSATIONS[:2] + CONVERSATIONS[3:]:
         ids, mask = real.encode_chat(conv)
@@ -100,9 +100,7 @@ def test_loss_mask_is_minimind2s(real):
 
 @pytest.mark.parametrize("which", ["bundled", "real"])
 def test_mask_covers_assistant_content_and_im_end_newline(which, bundled):
-    if which == "real" and not (REAL / "tokenizer.json").is_file():
-        pytest.skip("reference MiniMind tokenizer absent")
-    tok = bundled if which == "bundled" else load_tokenizer(REAL)
+    tok = bundled if which == "bundled" else load_tokenizer(reference_folder("minimind-tokenizer"))
     conv = CONVERSATIONS[2]
     ids, mask = tok.encode_chat(conv)
     spans, cur = [], []

@@ -213,3 +213,25 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset=0, eps=1e-6):
     if offset < 0:
         raise ValueError(f"kernels/qk_norm_rope.py: offset must be >= 0, got {offset}")
     return QKNormRoPEFunction.apply(q, k, q_weight, k_weight, cos, sin, int(offset), float(eps))
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once (the norm weights and the
+    cos / sin rows, shared by every token, count once). bench/launches.py uses it; tests/test_traffic.py checks it."""
+    if kernel not in ("_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"):
+        return None
+    head_dim = 2 * args["half"]
+    tokens = grid[0] if kernel == "_qk_norm_rope_fwd_kernel" else args["n_tokens"]
+    positions = min(args["seq_len"], tokens)  # the rows offset .. offset + T - 1 of the tables
+
+    def size(name, n):
+        return n * head_dim * args[name].element_size()
+    q, k = tokens * args["n_q_heads"], tokens * args["n_kv_heads"]
+    common = {"Q": (size("Q", q), 0), "K": (size("K", k), 0), "QW": (size("QW", 1), 0), "KW": (size("KW", 1), 0),
+              "COS": (size("COS", positions), 0), "SIN": (size("SIN", positions), 0)}
+    if kernel == "_qk_norm_rope_fwd_kernel":
+        return {**common, "QO": (0, size("QO", q)), "KO": (0, size("KO", k))}
+    return {**common, "DQO": (size("DQO", q), 0), "DKO": (size("DKO", k), 0), "DQ": (0, size("DQ", q)),
+            "DK": (0, size("DK", k)), "DQW_PARTIAL": (0, size("DQW_PARTIAL", grid[0])),
+            "DKW_PARTIAL": (0, size("DKW_PARTIAL", grid[0]))}

@@ -21,7 +21,7 @@ if torch.cuda.is_available():
     pytest.skip("the traffic recorder wraps Triton's interpreter (CPU only)", allow_module_level=True)
 
 from kernels import linear_cross_entropy as lce  # noqa: E402
-from kernels import moe, rms_norm, rope, swiglu  # noqa: E402
+from kernels import moe, qk_norm_rope, rms_norm, rope, swiglu  # noqa: E402
 from minimind.model import rope_tables  # noqa: E402
 
 
@@ -154,6 +154,22 @@ def test_rope_traffic(B, T, Hq, Hkv, D, offset, strided):
     with Recorder().active() as rec:
         _grads_of(rope.rope(q, k, cos, sin, offset))
     check_traffic(rec)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,offset,strided", [(2, 5, 8, 4, 24, 0, False), (1, 3, 6, 3, 10, 4, False),
+                                                         (3, 4, 2, 2, 8, 0, True)])
+def test_qk_norm_rope_traffic(B, T, Hq, Hkv, D, offset, strided):
+    cos, sin = rope_tables(D, offset + T + 3)
+    if strided:  # q, k as views of one projection, as a fused qkv layout would give
+        qk = _leaf((B, T, Hq + Hkv, D), torch.bfloat16, 3)
+        q, k = qk[:, :, :Hq], qk[:, :, Hq:]
+    else:
+        q, k = _leaf((B, T, Hq, D), torch.bfloat16, 3), _leaf((B, T, Hkv, D), torch.float32, 4)
+    qw, kw = _leaf((D,), torch.float32, 5), _leaf((D,), torch.bfloat16, 6)
+    with Recorder().active() as rec:
+        _grads_of(qk_norm_rope.qk_norm_rope(q, k, qw, kw, cos, sin, offset))
+    check_traffic(rec)
+    assert {k.fn.__name__ for k, *_ in rec.launches} == {"_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel"}
 
 
 @pytest.mark.parametrize("n,dtype", [(10, torch.float32), (5000, torch.bfloat16)])

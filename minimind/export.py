@@ -18,8 +18,8 @@ shared expert. So export is a config plus the tensors, unchanged:
                             of Qwen3-MoE checkpoints on the Hub (what transformers' save_pretrained writes, and vLLM
                             and llama.cpp read); transformers 5 packs them on load as mlp.experts.gate_up_proj
                             (E, 2I, H), gate over up, and mlp.experts.down_proj (E, H, I)
-    tokenizer.json, tokenizer_config.json    the tokenizer the model card names (or --tokenizer), with that
-                            folder's own tokenizer_config.json (its chat template) when it has one, else MiniMind2's
+    tokenizer.json, tokenizer_config.json    the tokenizer the model card names (or --tokenizer), with its chat
+                            format's template (MiniMind2's ChatML or minimind-3's, minimind.chat_template)
     generation_config.json  eos <|im_end|>, the sampling defaults of minimind.generate
 
 The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`, and is what
@@ -29,13 +29,12 @@ approximately; its .pth stays usable by minimind.chat and minimind.serve. The wa
 """
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from minimind.generate import SamplingConfig
-from minimind.weights import find_weights, load_model, load_tokenizer_for, read_card
+from minimind.weights import find_weights, load_model, load_tokenizer_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -115,10 +114,7 @@ def export(weights, out_dir, lora=None, tokenizer=None, dtype="fp16", num_attent
                   "pad_token_id": model.config.pad_token_id, "do_sample": True, "temperature": s.temperature,
                   "top_p": s.top_p}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tok.save(out)
-    folder = tokenizer if tokenizer is not None else (read_card(weights) or {}).get("tokenizer")
-    if folder is not None and (Path(folder) / "tokenizer_config.json").is_file():  # its own chat template
-        shutil.copyfile(Path(folder) / "tokenizer_config.json", out / "tokenizer_config.json")
+    tok.save(out)  # with its chat format's template (MiniMind2's or minimind-3's)
     return out
 
 

@@ -113,18 +113,24 @@ def test_the_weights_file_is_as_readable_as_the_rest_of_the_folder(tmp_path):
     assert modes["model.safetensors"] == modes["config.json"], modes
 
 
-def test_the_tokenizer_folder_the_card_names_brings_its_own_chat_template(tmp_path):
+def test_a_minimind3_export_carries_the_tokenizer_and_template_the_card_names(tmp_path):
+    """A minimind-3 model trained with minimind-3's real tokenizer: the exported folder has that tokenizer and its
+    chat template, and transformers renders (and tokenises) a chat with thinking exactly as we do."""
+    from tests.reference_files import reference_folder
     from tests.test_chat import write_card
-    mine = tmp_path / "my_tokenizer"
-    load_tokenizer().save(mine)
-    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    tok_config = json.loads((mine / "tokenizer_config.json").read_text())
-    (mine / "tokenizer_config.json").write_text(json.dumps({**tok_config, "chat_template": template}))
+    real = reference_folder("minimind3-tokenizer")
     model = tiny(**MINIMIND3)
     path = save_fp16(model, tmp_path / "full_sft_64.pth")
-    write_card(model, path, tokenizer_dir=mine)
+    write_card(model, path, tokenizer_dir=real)
     theirs = transformers.AutoTokenizer.from_pretrained(export(path, tmp_path / "hf"))
-    assert theirs.chat_template == template
+    assert theirs.chat_template == json.loads((real / "tokenizer_config.json").read_text())["chat_template"]
+    ours = load_tokenizer(real)
+    messages = [{"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Hi.", "reasoning_content": "A greeting."},
+                {"role": "user", "content": "Who are you?"}]
+    text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == ours.apply_chat_template(messages, add_generation_prompt=True)
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
 
 
 # ------------------------------------------------------------------------------------------- import (the way back)

@@ -10,7 +10,7 @@ import torch
 
 from tests.train_helpers import demo_data, one_thread, tiny_flags  # noqa: F401  (fixtures)
 from minimind.weights import load_model, read_card
-from train import distill, dpo, lora, pretrain, reason, sft
+from train import distill, dpo, engine, lora, pretrain, reason, sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PRESETS = ("minimind3", "minimind3-moe")
@@ -52,6 +52,8 @@ def test_every_stage_trains_minimind3(preset, demo_data, tmp_path):  # noqa: F81
     run(reason, "reason", extra=["--from_weight", full_sft])
     loaded = load_model(full_sft)
     assert loaded.config.qk_norm and loaded.config.head_dim == 24
+    with pytest.raises(engine.ConfigError, match="qk_norm 1, minimind-3's q/k path"):  # without --preset minimind3
+        sft.main(tiny_flags(tmp_path / "m2", demo_data["sft"], steps=1, extra=["--from_weight", full_sft]))
 
 
 def test_triton_trains_minimind3_moe_like_torch(demo_data, tmp_path):  # noqa: F811

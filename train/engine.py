@@ -240,11 +240,12 @@ def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig, flag="--
 
 
 def _shape_of_state(sd):
-    """(vocab, hidden, layers, moe) read off a MiniMind2 state dict."""
+    """(vocab, hidden, layers, moe, q/k norm) read off a MiniMind state dict."""
     emb = sd.get("model.embed_tokens.weight", sd.get("lm_head.weight"))
     layers = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
     moe = any(".mlp.experts." in k or ".mlp.w_gate" in k for k in sd)
-    return (None if emb is None else tuple(emb.shape)), len(layers), moe
+    qk_norm = any(".self_attn.q_norm." in k for k in sd)
+    return (None if emb is None else tuple(emb.shape)), len(layers), moe, qk_norm
 
 
 def load_weights(model: nn.Module, source, name: str = "weights"):
@@ -262,7 +263,7 @@ def load_weights(model: nn.Module, source, name: str = "weights"):
             sd = sd["model"]  # a resume checkpoint
     cfg = getattr(model, "config", None)
     if cfg is not None and isinstance(model, MiniMindForCausalLM):
-        emb, layers, moe = _shape_of_state(sd)
+        emb, layers, moe, qk_norm = _shape_of_state(sd)
         problems = []
         if emb is not None and emb[1] != cfg.hidden_size:
             problems.append(f"hidden_size {emb[1]} (model has --hidden_size {cfg.hidden_size})")
@@ -272,6 +273,9 @@ def load_weights(model: nn.Module, source, name: str = "weights"):
             problems.append(f"{layers} layers (model has --num_hidden_layers {cfg.num_hidden_layers})")
         if moe != cfg.use_moe:
             problems.append(f"use_moe {int(moe)} (model has --use_moe {int(cfg.use_moe)})")
+        if qk_norm != cfg.qk_norm:
+            problems.append(f"qk_norm {int(qk_norm)}, {'minimind-3' if qk_norm else 'MiniMind2'}'s q/k path "
+                            f"(model has --qk_norm {int(cfg.qk_norm)}; --preset minimind3 / minimind3-moe have it)")
         if problems:
             raise ConfigError(f"{name} does not fit the model: it has " + ", ".join(problems))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

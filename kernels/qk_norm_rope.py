@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.rms_norm import rms_norm_bwd_programs
-from kernels.rope import rope_config
+from kernels.rope import check_rope_args, rope_config
 
 
 @triton.jit
@@ -198,20 +198,11 @@ class QKNormRoPEFunction(torch.autograd.Function):
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset=0, eps=1e-6):
     """q (B, T, Hq, D), k (B, T, Hkv, D); q_weight, k_weight (D,); cos, sin (>= offset + T, D)
     -> normalised and rotated (q, k), same shapes and dtypes. See the module docstring."""
-    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"kernels/qk_norm_rope.py: q must be (B, T, Hq, D) and k (B, T, Hkv, D) with the same B, T, "
-                         f"D; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    T, D = q.shape[1], q.shape[3]
-    if D % 2:
-        raise ValueError(f"kernels/qk_norm_rope.py: head dim must be even, got {D}")
+    check_rope_args(q, k, cos, sin, offset, where="kernels/qk_norm_rope.py")
+    D = q.shape[3]
     if q_weight.shape != (D,) or k_weight.shape != (D,):
         raise ValueError(f"kernels/qk_norm_rope.py: q_weight and k_weight must be (D = {D},); got "
                          f"{tuple(q_weight.shape)}, {tuple(k_weight.shape)}")
-    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D or cos.shape[0] < offset + T:
-        raise ValueError(f"kernels/qk_norm_rope.py: cos and sin must be (>= offset + T = {offset + T}, D = {D}); "
-                         f"got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    if offset < 0:
-        raise ValueError(f"kernels/qk_norm_rope.py: offset must be >= 0, got {offset}")
     return QKNormRoPEFunction.apply(q, k, q_weight, k_weight, cos, sin, int(offset), float(eps))
 
 

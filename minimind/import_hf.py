@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from minimind.config import PRESETS, MiniMindConfig
+from minimind.export import DTYPES
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from minimind.weights import config_path, model_card
 
 ARCHITECTURES = {"llama": "MiniMind2", "qwen3": "minimind-3", "qwen3_moe": "minimind-3-MoE"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def config_from_hf(hf: dict, where="config.json") -> MiniMindConfig:

@@ -142,10 +142,13 @@ def test_add_rms_norm_mixed_dtypes(x_dtype, r_dtype, H, use_h):
     assert dw.dtype == torch.float32
     for name, a, b in (("h", h, h32), ("y", y, y32), ("dx", dx, dx32), ("dr", dr, dr32), ("dw", dw, dw32)):
         assert_close(a, b, TOL[a.dtype], name)
-    if torch.float32 in (x_dtype, r_dtype):  # one float32 gradient, stored as it is and rounded once: within one
-        full, rounded = (dx, dr) if x_dtype == torch.float32 else (dr, dx)  # ulp (the interpreter truncates)
+    if torch.float32 in (x_dtype, r_dtype):
+        # one float32 gradient, stored as it is and rounded once: within one ulp, element by element (a GPU rounds
+        # to nearest, the interpreter truncates)
+        full, rounded = (dx, dr) if x_dtype == torch.float32 else (dr, dx)
         ulp = torch.finfo(rounded.dtype)
-        assert ((rounded.float() - full).abs() <= ulp.eps * (full.abs() + ulp.smallest_normal)).all()
+        assert ((rounded.float() - full).abs() <= ulp.eps * (full.abs() + ulp.smallest_normal)).all(), \
+            "dx and dr are not the same gradient"
 
 
 def test_add_rms_norm_h_unused_and_leaf_grads_accumulate():

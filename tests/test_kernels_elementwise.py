@@ -113,21 +113,43 @@ def test_add_rms_norm(H, dtype):
     assert_close(dw, dw32, TOL[dtype], "dw")
 
 
-def test_add_rms_norm_low_precision_x_with_fp32_residual():
-    """The autocast case: x (a sublayer output) in bf16, the residual stream in fp32. h and y come out in fp32
-    (the promoted dtype, as MiniMind2's `residual + attn_out`), x's gradient in bf16, the residual's in fp32."""
-    g = gen(11)
-    x, r, w = randn((2, 9, 512), g, torch.bfloat16), randn((2, 9, 512), g), randn((512,), g)
-    dh, dy = randn((2, 9, 512), g, torch.float32, False), randn((2, 9, 512), g, torch.float32, False)
+# (x, residual) dtypes that differ: under autocast x (a sublayer output) is bf16 / fp16 and the residual stream fp32;
+# the reverse order; and two low-precision dtypes, which promote to fp32 so that neither gradient is h's dtype
+MIXED = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+         (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("use_h", (True, False), ids=("h used", "h unused"))
+@pytest.mark.parametrize("H", (512, 123))
+@pytest.mark.parametrize("x_dtype,r_dtype", MIXED, ids=str)
+def test_add_rms_norm_mixed_dtypes(x_dtype, r_dtype, H, use_h):
+    """h and y come out in the promoted dtype (as MiniMind2's `residual + attn_out`); the one backward kernel
+    stores x's gradient in x's dtype and the residual's in the residual's, each the same float32 gradient rounded
+    once. Every output is compared with the float32 reference at its own dtype's tolerance. With h unused (the
+    final norm) the kernel gets no incoming gradient of h."""
+    rows = ROWS[-1]
+    g = gen(H + 13)
+    x, r, w = randn((rows, H), g, x_dtype), randn((rows, H), g, r_dtype), randn((H,), g)
+    out_dtype = torch.promote_types(x_dtype, r_dtype)
+    dh, dy = randn((rows, H), g, out_dtype, False), randn((rows, H), g, out_dtype, False)
     h, y = add_rms_norm(x, r, w)
-    dx, dr, dw = torch.autograd.grad((h, y), (x, r, w), (dh, dy))
+    outs, grads = ((h, y), (dh, dy)) if use_h else ((y,), (dy,))
+    dx, dr, dw = torch.autograd.grad(outs, (x, r, w), grads)
     x32, r32, w32 = upcast(x), upcast(r), upcast(w)
     h32, y32 = ref.add_rms_norm(x32, r32, w32)
-    dx32, dr32, dw32 = torch.autograd.grad((h32, y32), (x32, r32, w32), (dh.float(), dy.float()))
-    assert h.dtype == y.dtype == dr.dtype == torch.float32 and dx.dtype == torch.bfloat16
-    tol = TOL[torch.bfloat16]
+    outs32 = (h32, y32) if use_h else (y32,)
+    dx32, dr32, dw32 = torch.autograd.grad(outs32, (x32, r32, w32), [t.float() for t in grads])
+    assert h.dtype == y.dtype == out_dtype and dx.dtype == x_dtype and dr.dtype == r_dtype
+    assert dw.dtype == torch.float32
     for name, a, b in (("h", h, h32), ("y", y, y32), ("dx", dx, dx32), ("dr", dr, dr32), ("dw", dw, dw32)):
-        assert_close(a, b, tol, name)
+        assert_close(a, b, TOL[a.dtype], name)
+    if torch.float32 in (x_dtype, r_dtype):
+        # one float32 gradient, stored as it is and rounded once: within one ulp, element by element (a GPU rounds
+        # to nearest, the interpreter truncates)
+        full, rounded = (dx, dr) if x_dtype == torch.float32 else (dr, dx)
+        ulp = torch.finfo(rounded.dtype)
+        assert ((rounded.float() - full).abs() <= ulp.eps * (full.abs() + ulp.smallest_normal)).all(), \
+            "dx and dr are not the same gradient"
 
 
 def test_add_rms_norm_h_unused_and_leaf_grads_accumulate():

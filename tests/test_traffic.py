@@ -130,7 +130,8 @@ def _leaf(shape, dtype, seed):
 
 @pytest.mark.parametrize("rows,hidden,x_dtype,r_dtype", [(1, 64, torch.float32, None), (7, 123, torch.bfloat16, None),
                                                          (9, 96, torch.bfloat16, torch.float32),
-                                                         (5, 64, torch.float32, torch.float32)])
+                                                         (5, 64, torch.float32, torch.float32),
+                                                         (3, 80, torch.bfloat16, torch.float16)])
 def test_rms_norm_traffic(rows, hidden, x_dtype, r_dtype):
     x, w = _leaf((rows, hidden), x_dtype, 0), _leaf((hidden,), torch.float32, 1)
     with Recorder().active() as rec:

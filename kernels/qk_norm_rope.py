@@ -15,9 +15,8 @@ The forward runs one program per token (b, t): all Hq query heads and all Hkv ke
 (the tiles of kernels/rope.py), n never leaves registers. It saves only q and k; the backward recomputes rstd.
 The backward is one launch too: P programs, each looping over tokens pid, pid + P, ... for the q heads and then
 again for the k heads, the weight-gradient partial in registers, stored as a (P, D) float32 row per weight and
-summed by torch: deterministic, no atomics. Inputs may be strided
-(unit last-dim stride); outputs are new contiguous tensors. Math in float32, outputs in the inputs' dtypes, weight
-gradients in the weights' dtypes.
+summed by torch: deterministic, no atomics. Inputs may be strided (unit last-dim stride); outputs are new
+contiguous tensors. Math in float32, outputs in the inputs' dtypes, weight gradients in the weights' dtypes.
 """
 import torch
 import triton

@@ -12,8 +12,8 @@ import torch
 from kernels import reference as ref
 
 triton = pytest.importorskip("triton")
-from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.qk_norm_rope import qk_norm_rope  # noqa: E402
+from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.rope import rope  # noqa: E402
 from kernels.swiglu import _swiglu_fwd_kernel, swiglu  # noqa: E402
 from minimind.model import rope_tables  # noqa: E402

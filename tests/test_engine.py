@@ -26,6 +26,52 @@ def test_lr_schedule_is_minimind2_cosine_after_a_linear_warmup():
     assert engine.lr_at(9, total, lr, 10) == pytest.approx(engine.lr_at(9, total, lr, 0))
 
 
+def test_train_step_averages_the_micro_batch_gradients():
+    """Plain SGD, no clipping: one train_step over A micro-batches moves each weight by exactly -lr times the mean
+    of the A per-micro-batch gradients (computed here one by one), and returns the mean loss and summed metrics.
+    With clipping far above the norm, the grad norm it returns is that mean gradient's norm."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    micro_batches = [{"x": torch.randn(4, 5)} for _ in range(3)]
+
+    def step_fn(batch):
+        return (model(batch["x"]) ** 2).mean(), {"rows": torch.tensor(4.0)}
+
+    losses, grads = [], []
+    for batch in micro_batches:
+        loss = step_fn(batch)[0]
+        losses.append(loss.item())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    mean_grad = [sum(g[i] for g in grads) / 3 for i in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    loss, metrics, norm = engine.train_step(step_fn, micro_batches, optimizer, params, 0.5, grad_clip=0)
+    assert norm is None and loss.item() == pytest.approx(sum(losses) / 3) and metrics["rows"].item() == 12.0
+    for p, b, g in zip(model.parameters(), before, mean_grad):
+        torch.testing.assert_close(p.detach(), b - 0.5 * g, rtol=1e-6, atol=1e-7)
+        assert p.grad is None  # zeroed for the next step
+    grads = [torch.autograd.grad(step_fn(b)[0], params) for b in micro_batches]
+    want = torch.cat([sum(g[i] for g in grads).flatten() / 3 for i in range(2)]).norm()
+    _, _, norm = engine.train_step(step_fn, micro_batches, optimizer, params, 0.5, grad_clip=1e9)
+    assert norm.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_accumulation_steps_take_the_step_of_one_big_batch(demo_data, tmp_path):  # noqa: F811
+    """Packed pretraining rows are all full, so --batch_size 2 --accumulation_steps 2 takes the same optimizer
+    steps as --batch_size 4 (the loader cuts the same shuffled rows): same losses and the same logged grad norms
+    (AdamW and clipping hide a constant factor on the gradient in the losses, not in the grad norm)."""
+    logs = {}
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch_size}"
+        pretrain.main(tiny_flags(out, demo_data["pretrain"], steps=3, batch_size=batch_size,
+                                 extra=["--accumulation_steps", accumulation]))
+        logs[accumulation] = [json.loads(x) for x in (out / "pretrain_metrics.jsonl").read_text().splitlines()]
+    for one, two in zip(logs[1], logs[2], strict=True):
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("use_moe", [False, True])
 def test_flops_per_token_counts_matmuls_and_attention(use_moe):
     cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -109,7 +109,7 @@ def test_all_ignored_mean_is_zero_with_zero_gradients():
     assert loss.item() == 0.0 and (hidden.grad == 0).all() and (weight.grad == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", [(1, 1024, 4), (4, 2048, 8), "gpu"], ids=["1x1024", "4x2048", "gpu-rule"])
 @pytest.mark.parametrize("chunk_rows", [None, 7], ids=["one-chunk", "chunks-of-7-rows"])
 def test_blocks_and_chunks(config, chunk_rows, dtype, monkeypatch):

@@ -21,10 +21,12 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "safetensors", "jinja2",
                 "deepspeed",  # the DeepSpeed test runs on the CPU accelerator
-                "liger-kernel"],  # its adapters are tested under Triton's interpreter where its kernels allow
+                "liger-kernel",  # its adapters are tested under Triton's interpreter where its kernels allow
+                "matplotlib"],  # train.plot
         "liger": ["liger-kernel"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
+        "plot": ["matplotlib"],  # python -m train.plot
         "hf": ["transformers>=4.40", "safetensors"],
     },
 )

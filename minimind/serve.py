@@ -257,7 +257,7 @@ def main(argv=None):
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--port", type=int, default=8998, help="TCP port (default %(default)s)")
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the weight file's name)")
     p.add_argument("--max_tokens_cap", type=int, default=2048, help="the most tokens one reply may have")
     p.add_argument("--verbose", action="store_true", help="log every request")

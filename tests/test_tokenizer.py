@@ -6,7 +6,8 @@ import pytest
 
 from minimind.data import DataError
 from minimind.tokenizer import BUNDLED_TOKENIZER, CHAT_TEMPLATE, load_tokenizer
-from tests.train_helpers import minimind2_loss_mask, reference_path
+from tests.reference_files import reference_folder
+from tests.train_helpers import minimind2_loss_mask
 
 
 CONVERSATIONS = [
@@ -28,7 +29,7 @@ def bundled():
 @pytest.fixture(scope="module")
 def real_dir():
     """MiniMind2's own tokenizer folder (../shared/reference/; required under CI=true)."""
-    return reference_path("minimind-tokenizer")
+    return reference_folder("minimind-tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +37,18 @@ def real(real_dir):
     return load_tokenizer(real_dir)
 
 
-def test_a_missing_reference_fixture_fails_under_ci(monkeypatch, tmp_path):
+def test_a_missing_reference_folder_fails_under_ci(monkeypatch, tmp_path):
     """From a clone without ../shared/reference/ the tests that need it skip; CI has it, so there they fail."""
-    from tests import train_helpers
-    monkeypatch.setattr(train_helpers, "_reference_roots", lambda: [tmp_path])
+    from tests import reference_files
+    monkeypatch.setattr(reference_files, "reference_roots", lambda: [tmp_path])
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="minimind-tokenizer not found"):
-        reference_path("minimind-tokenizer")
+        reference_folder("minimind-tokenizer")
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="minimind-tokenizer not found"):
-        reference_path("minimind-tokenizer")
+        reference_folder("minimind-tokenizer")
     (tmp_path / "minimind-tokenizer").mkdir()
-    assert reference_path("minimind-tokenizer") == tmp_path / "minimind-tokenizer"
+    assert reference_folder("minimind-tokenizer") == tmp_path / "minimind-tokenizer"
 
 
 def test_bundled_tokenizer(bundled):

@@ -19,31 +19,6 @@ def demo_data(tmp_path_factory):
     return write_demo_data(tmp_path_factory.mktemp("demo_data"), sizes=SMALL_SIZES)
 
 
-def _reference_roots():
-    """Where ../shared/reference/ may be: $MINIMIND_REFERENCE, beside this checkout, and for a git worktree beside
-    its main checkout."""
-    roots = [Path(os.environ["MINIMIND_REFERENCE"])] if os.environ.get("MINIMIND_REFERENCE") else []
-    roots.append(ROOT.parent / "shared" / "reference")
-    git = ROOT / ".git"
-    if git.is_file() and git.read_text().startswith("gitdir:"):  # MAIN/.git/worktrees/NAME
-        main = Path(git.read_text().split(":", 1)[1].strip()).parents[2]
-        roots.append(main.parent / "shared" / "reference")
-    return roots
-
-
-def reference_path(name):
-    """The reference fixture ../shared/reference/NAME (a tokenizer folder, a spec). Absent: the test skips, except
-    under CI=true, where every fixture must be there and a missing one fails the test."""
-    roots = _reference_roots()
-    for root in roots:
-        if (root / name).exists():
-            return root / name
-    why = f"reference fixture {name} not found in {', '.join(map(str, roots))}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{why} (CI=true: a missing fixture is a failure; set MINIMIND_REFERENCE to its folder)")
-    pytest.skip(why)
-
-
 def minimind2_loss_mask(ids, tok):
     """MiniMind2's own rule, written independently: after each "<|im_start|>assistant" token run, skip one token
     (the newline), then mark through the next "<|im_end|>" and one more token (its newline)."""

@@ -119,17 +119,22 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m train.{stage.name}", description=f"MiniMind {stage.name} stage",
                                 epilog=GPU_RECIPE, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("MiniMind2 flags")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch_size", type=int, default=32, help="micro-batch size per process")
-    g.add_argument("--learning_rate", type=float, default=5e-4)
-    g.add_argument("--accumulation_steps", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=1, help="passes over the data (default %(default)s)")
+    g.add_argument("--batch_size", type=int, default=32, help="micro-batch size per process (default %(default)s)")
+    g.add_argument("--learning_rate", type=float, default=5e-4,
+                   help="LR of MiniMind2's cosine schedule, lr/10 + lr/2 * (1 + cos(pi * step / steps)): it starts at "
+                        "1.1x this value and ends at a tenth of it (default %(default)s)")
+    g.add_argument("--accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step, their gradients averaged (default %(default)s)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps")
-    g.add_argument("--log_interval", type=int, default=100)
+    g.add_argument("--log_interval", type=int, default=100,
+                   help="log loss, lr, tokens/s and MFU every N optimizer steps (default %(default)s)")
     g.add_argument("--save_interval", type=int, default=100, help="save weights + resume state every N steps")
     g.add_argument("--hidden_size", type=int, default=None, help="default 512 (or the --preset's)")
     g.add_argument("--num_hidden_layers", type=int, default=None, help="default 8 (or the --preset's)")
-    g.add_argument("--max_seq_len", type=int, default=512)
+    g.add_argument("--max_seq_len", type=int, default=512,
+                   help="tokens per row: longer records are truncated (default %(default)s)")
     g.add_argument("--use_moe", type=_flag_bool, default=None, help="0 or 1 (default 0, or the --preset's)")
     g.add_argument("--data_path", default=None, help="JSON Lines training data")
     g.add_argument("--from_weight", default="none",
@@ -137,26 +142,30 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     g.add_argument("--save_weight", default=stage.save_prefix, help="prefix of the weight file this run writes")
     g.add_argument("--from_resume", default="0",
                    help="0 | 1 (continue from OUT_DIR's resume checkpoint if there is one) | a resume file path")
-    g.add_argument("--use_wandb", action="store_true")
-    g.add_argument("--wandb_project", default=f"MiniMind-{stage.name}")
+    g.add_argument("--use_wandb", action="store_true",
+                   help="also log to wandb (offline unless WANDB_API_KEY is set; pip install -e '.[wandb]')")
+    g.add_argument("--wandb_project", default=f"MiniMind-{stage.name}", help="wandb project (default %(default)s)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="autocast compute dtype (default bf16 on CUDA, fp32 on CPU); GradScaler only for fp16")
     g.add_argument("--device", default=None, help="default cuda (cuda:LOCAL_RANK under torchrun) or cpu")
-    g.add_argument("--out_dir", default="out")
+    g.add_argument("--out_dir", default="out",
+                   help="where weights, their .json cards, resume state and the metrics log go (default %(default)s)")
     o = p.add_argument_group("ours")
     o.add_argument("--preset", default=None, choices=sorted(PRESETS), help="small | base | moe")
-    o.add_argument("--num_attention_heads", type=int, default=None)
-    o.add_argument("--num_key_value_heads", type=int, default=None)
+    o.add_argument("--num_attention_heads", type=int, default=None, help="query heads (default 8, or the --preset's)")
+    o.add_argument("--num_key_value_heads", type=int, default=None,
+                   help="key/value heads of grouped-query attention (default 2, or the --preset's)")
     o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
                    help="op backend (default triton on CUDA, torch on CPU)")
-    o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"))
+    o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"),
+                   help="attention: torch's scaled_dot_product_attention, or flash-attn when installed")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile every decoder block of the trained and the frozen models")
     o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
-    o.add_argument("--seed", type=int, default=42)
+    o.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
     o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
     o.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
-    o.add_argument("--weight_decay", type=float, default=0.01)
+    o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
     o.add_argument("--max_steps", type=int, default=0, help="cap the optimizer steps (0 = all epochs)")
     o.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: looked up)")
     o.add_argument("--stop_after", type=int, default=0,

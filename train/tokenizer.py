@@ -77,7 +77,8 @@ def train_tokenizer(paths, vocab_size: int = 6400, min_frequency: int = 2, split
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", required=True, help="JSON Lines file(s), any MiniMind2 format")
-    ap.add_argument("--vocab_size", type=int, default=6400)
+    ap.add_argument("--vocab_size", type=int, default=6400,
+                    help="tokens in all, the 3 specials and 256 bytes included (default %(default)s, MiniMind2's)")
     ap.add_argument("--min_frequency", type=int, default=2, help="a pair must occur this often to be merged")
     ap.add_argument("--split_han", action="store_true", help="one pre-token per Chinese character (see above)")
     ap.add_argument("--out", required=True, help="output folder")

@@ -311,6 +311,10 @@ def test_state_of_another_setting_is_refused(tok, sft_file):
 GOOD_SFT = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD = [
     ("sft", '{"conversations": [', "malformed JSON"),
+    # the line ends inside the string (a truncated file): json's "Invalid control character at" (the newline)
+    ("pretrain", '{"text": "a truncated rec', r"the line ends inside a record \(Invalid control character at column "
+                                              r"26\); it looks truncated \("),
+    ("pretrain", '{"text": 5 6}', r"malformed JSON: Expecting ',' delimiter at column 12 \("),
     ("sft", {"messages": []}, "missing field 'conversations'"),
     ("sft", {"conversations": "hi"}, "must be a list"),
     ("sft", {"conversations": []}, "empty conversation"),
@@ -346,6 +350,17 @@ def test_bad_record_names_file_and_line(tok, tmp_path, kind, bad, message):
     # the cache now knows about the bad record: without the flag it still refuses
     with pytest.raises(DataError, match="bad.jsonl:3:"):
         build_loader(kind, path, tok, max_seq_len=32, batch_size=1)
+
+
+def test_the_cache_command_names_a_bad_record_in_one_line(tmp_path):
+    """python -m minimind.data: FILE:LINE and what is wrong, exit 2; no traceback, no usage block."""
+    from tests.train_helpers import run_module
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, '{"text": "cut off'])
+    r = run_module(["-m", "minimind.data", "--kind", "pretrain", "--data", str(path)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "usage:" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"python -m minimind.data: error: {path}:2: malformed JSON: the line ends inside a "
+                               f"record (Invalid control character at column 18); it looks truncated")
 
 
 def test_invalid_utf8_names_file_and_line(tok, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from minimind.config import MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from tests.train_helpers import demo_data, one_thread, run_module, tiny_flags  # noqa: F401  (fixtures)
-from train import distill, dpo, engine, pretrain, sft
+from train import distill, dpo, engine, metrics, pretrain, sft
 from train.checkpoint import atomic_save
 from train.engine import ConfigError
 
@@ -196,6 +196,12 @@ def test_bad_flag_on_the_command_line_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "--epochs: invalid int value" in r.stderr
     r = run_module(["-m", "train.pretrain", "--data_path", str(tmp_path / "none.jsonl")])
     assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+    # an error in the data: that line alone, not the usage block of every flag before it
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n', encoding="utf-8")
+    r = run_module(["-m", "train.pretrain", *tiny_flags(tmp_path, tmp_path / "bad.jsonl")])
+    assert r.returncode == 2 and "usage:" not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"python -m train.pretrain: error: {tmp_path / 'bad.jsonl'}:2: missing field 'text'")
 
 
 def test_help_shows_minimind2_flags_and_the_gpu_recipe():
@@ -240,6 +246,26 @@ def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noq
     assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "MiniMind-Pretrain"
     assert [s for s, _ in calls["log"]] == [1, 2] and calls["finish"]
     assert result["final_loss"] == records[-1]["loss"]
+
+
+def test_a_run_reports_its_data_its_schedule_and_where_the_weights_went(demo_data, tmp_path, capsys):  # noqa: F811
+    """Before training: a line on the data (every entry of Loader.stats()) and one on the lr schedule (the bar's lr
+    starts at 1.1x --learning_rate); after: steps, final loss and the weight file."""
+    from minimind.data import build_loader
+    from minimind.tokenizer import load_tokenizer
+    result = pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2))
+    out = capsys.readouterr().out
+    stats = build_loader("pretrain", demo_data["pretrain"], load_tokenizer(), max_seq_len=64, batch_size=4).stats()
+    assert f"(pretrain): {stats['records']:,} records, {stats['tokens']:,} tokens in {stats['batches']:,} batches " \
+           f"per epoch, padding 0.0% of {stats['padded_tokens']:,} token slots, skipped records 0, dropped tokens " \
+           f"{stats['dropped_tokens']:,}\n" in out
+    assert "--learning_rate 0.003: from 0.0033 (1.1x) down to 0.0003 over 2 steps" in out
+    assert "pretrain done: 2 steps in " in out
+    assert f"final loss {result['final_loss']:.4f}; weights -> {result['weights_path']}, metrics log -> " \
+           f"{result['metrics_path']}" in out
+    # an entry the summary has no words for is still shown (a loader may count more, e.g. document markers)
+    line = metrics.data_summary("d.jsonl", dict(stats, kind="pretrain", markers=1234), world_size=2)
+    assert line.endswith("markers 1,234") and "per epoch (each of 2 processes)" in line
 
 
 def test_trainable_subset_and_custom_weights(demo_data, tmp_path):  # noqa: F811

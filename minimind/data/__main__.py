@@ -1,8 +1,10 @@
 """Build (or check) a token cache ahead of training: python -m minimind.data --kind sft --data FILE.jsonl"""
 import argparse
 import json
+import sys
 
 from minimind.data.cache import load_token_cache
+from minimind.data.jsonl import DataError
 from minimind.tokenizer import load_tokenizer
 
 
@@ -17,8 +19,12 @@ def main():
     ap.add_argument("--skip_bad_records", action="store_true",
                     help="skip and count malformed lines instead of stopping at the first")
     args = ap.parse_args()
-    cache = load_token_cache(args.data, args.kind, load_tokenizer(args.tokenizer), cache_dir=args.cache_dir,
-                             skip_bad_records=args.skip_bad_records, num_workers=args.workers)
+    try:
+        cache = load_token_cache(args.data, args.kind, load_tokenizer(args.tokenizer), cache_dir=args.cache_dir,
+                                 skip_bad_records=args.skip_bad_records, num_workers=args.workers)
+    except (DataError, OSError, ValueError) as e:  # a bad record (FILE:LINE: ...), a missing file or tokenizer
+        print(f"python -m minimind.data: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(cache.folder)
     print(json.dumps({k: v for k, v in cache.meta.items() if k != "errors"}, indent=1))
 

@@ -65,6 +65,16 @@ def _check_conversation(conv, field):
     return [{"role": m["role"], "content": m["content"]} for m in conv]
 
 
+def _json_error(e: json.JSONDecodeError, text: str) -> str:
+    """What is wrong with a line json.loads refused; a line that ends before its record does (the error at its end,
+    or a string never closed: the newline fell inside it) is named as truncated."""
+    end = len(text.rstrip("\r\n"))
+    what = f"{e.msg.removesuffix(' at')} at column {min(e.pos, end) + 1}"  # json says "Invalid control character at"
+    if e.pos >= end or e.msg.startswith("Unterminated string"):
+        return f"malformed JSON: the line ends inside a record ({what}); it looks truncated"
+    return f"malformed JSON: {what}"
+
+
 def parse_record(kind: str, line: bytes):
     """Validate one line; returns the text (pretrain), the messages (sft/reason) or (chosen, rejected) (dpo),
     or None for a blank line. Raises RecordError."""
@@ -77,7 +87,7 @@ def parse_record(kind: str, line: bytes):
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+        raise RecordError(_json_error(e, text)) from None
     if not isinstance(obj, dict):
         raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
     if kind == "pretrain":

@@ -1,4 +1,7 @@
-"""`python -m train.demo --quick`: the whole pipeline pretrain -> SFT -> DPO -> reasoning, a few steps per stage."""
+"""`python -m train.demo --quick`: the whole pipeline pretrain -> SFT -> DPO -> reasoning, a few steps per stage; and
+the demo's report shows a short pretraining run beating random initialisation."""
+import importlib.util
+
 import pytest
 
 from tests.train_helpers import QUIZ_MARGIN, one_thread, short_pretrain  # noqa: F401  (fixtures)
@@ -15,6 +18,9 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert all(scores["n"] == rows[0][1]["n"] > 0 for _, scores, _, _ in rows)
     out = capsys.readouterr().out
     assert "after reason: held-out quiz" in out and "Q: What is 3 plus 5?" in out
+    assert "reason done: 3 steps in" in out and f"weights -> {tmp_path / 'reason_128.pth'}" in out
+    if importlib.util.find_spec("matplotlib"):  # the `plot` extra (in `dev`)
+        assert (tmp_path / "demo_metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_short_pretraining_beats_the_random_init_row(short_pretrain, capsys):  # noqa: F811

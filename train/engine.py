@@ -62,9 +62,9 @@ from minimind.config import PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.weights import config_path, model_card
 from train import distributed
+from train.checkpoint import atomic_save, atomic_write_text, fp16_state_dict, rng_state, set_rng_state
 from train.metrics import (MetricsLog, bar_text, data_summary, finish_summary, jsonable_flags, log_step,
                            progress_bar, schedule_summary)
-from train.checkpoint import atomic_save, atomic_write_text, fp16_state_dict, rng_state, set_rng_state
 
 
 class ConfigError(ValueError):

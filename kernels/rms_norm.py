@@ -167,3 +167,24 @@ def add_rms_norm(x, residual, weight, eps=1e-5):
     """h = x + residual; y = rms_norm(h). Returns (h, y), both (..., H) in the promoted dtype of x and residual."""
     _check(x, weight, residual)
     return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once (so W, re-read by every
+    row, counts once). args: the launch's arguments by name. bench/launches.py uses it; tests/test_traffic.py
+    checks it against the interpreter."""
+    def size(name, n):
+        return n * args[name].element_size()
+    n_cols = args["n_cols"]
+    if kernel == "_rms_norm_fwd_kernel":
+        rows, res = grid[0], args["HAS_RESIDUAL"]
+        return {"X": (size("X", rows * n_cols), 0), "R": (size("R", rows * n_cols) if res else 0, 0),
+                "H": (0, size("H", rows * n_cols) if res else 0), "W": (size("W", n_cols), 0),
+                "Y": (0, size("Y", rows * n_cols)), "RSTD": (0, size("RSTD", rows))}
+    if kernel == "_rms_norm_bwd_kernel":
+        rows, programs = args["n_rows"], grid[0]
+        return {"DY": (size("DY", rows * n_cols), 0), "X": (size("X", rows * n_cols), 0), "W": (size("W", n_cols), 0),
+                "RSTD": (size("RSTD", rows), 0), "DH": (size("DH", rows * n_cols) if args["HAS_DH"] else 0, 0),
+                "DX": (0, size("DX", rows * n_cols)), "DW_PARTIAL": (0, size("DW_PARTIAL", programs * n_cols))}
+    return None

@@ -2,6 +2,7 @@
 
 Nothing here asserts a speed: CPU numbers only prove that the harnesses run and write well-formed results.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -240,6 +241,10 @@ def test_gpu_suite_end_to_end_on_cpu(tmp_path):
     assert tp["results"][1]["speedup"] > 0
     cr = json.loads((out / "compile_report.json").read_text())
     assert cr["rows"] and not cr["failures"] and all(r["cc"] == 90 for r in cr["rows"])
+    if importlib.util.find_spec("pytest_benchmark"):  # the pytest-benchmark part (CPU loaders in the smoke run)
+        names = [b["name"] for b in json.loads((out / "benchmarks.json").read_text())["benchmarks"]]
+        assert sorted(names) == ["test_loader[pretrain-False]", "test_loader[pretrain-True]"]
+        assert "## pytest-benchmark" in summary and "loader_tokens_s" in summary
 
 
 def test_token_counts_and_padding_through_the_pipeline(tmp_path):

@@ -4,11 +4,11 @@ import re
 
 import pytest
 
+from minimind.chat_template import MINIMIND2_TEMPLATE as CHAT_TEMPLATE
 from minimind.data import DataError
-from minimind.tokenizer import BUNDLED_TOKENIZER, CHAT_TEMPLATE, load_tokenizer
+from minimind.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 from tests.reference_files import reference_folder
 from tests.train_helpers import minimind2_loss_mask
-
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}],

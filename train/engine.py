@@ -40,7 +40,9 @@ counting only useful (non-pad) tokens, so padding shows up as lost MFU.
 do not change) of the trained model, after the stage's prepare (LoRA adapters are inside the blocks by then), and
 of every frozen model (run.add_frozen). Whatever a stage calls (forward, token_logprobs, model.model), the blocks
 run compiled; the embedding, the final norm and the loss head stay eager (on the triton backend the head is one
-fused kernel anyway). Not with DeepSpeed.
+fused kernel anyway). Not with DeepSpeed. --compile_mode (implies --compile) picks torch.compile's mode:
+reduce-overhead records each block's kernels as CUDA graphs and replays them (a step begins a new graph
+generation), which removes most per-kernel launch cost where shapes are static (packed rows); untested on a GPU.
 """
 import argparse
 import contextlib
@@ -95,6 +97,9 @@ class Stage:
 
 
 # --------------------------------------------------------------------------------------------------- flags
+
+CHAT_KINDS = ("sft", "reason")  # data kinds with MiniMind's SFT augmentations (minimind.data.augment)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -164,6 +169,11 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
                    help="attention: torch's scaled_dot_product_attention, or flash-attn when installed")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile every decoder block of the trained and the frozen models")
+    o.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled blocks (implies --compile). reduce-overhead replays "
+                        "each block's kernels as a CUDA graph instead of launching them one by one: for static "
+                        "shapes (packed pretraining rows; every new batch length records another graph). "
+                        "Untested on a GPU so far")
     o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
     o.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
     o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
@@ -174,6 +184,13 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     o.add_argument("--stop_after", type=int, default=0,
                    help="(testing) stop as on SIGINT after N optimizer steps of this run: save the resume state, "
                         "exit 130 (under torchrun: a failed worker, exit 1)")
+    if stage.data_kind in CHAT_KINDS:
+        o.add_argument("--add_system_ratio", type=float, default=None,
+                       help="probability of giving a conversation without system message or tools one of MiniMind's "
+                            "10 system prompts (default: 0.2 for a minimind-3 tokenizer, 0 for MiniMind2's)")
+        o.add_argument("--drop_empty_think_ratio", type=float, default=None,
+                       help="probability of removing a conversation's empty <think></think> blocks (default: 0.8 "
+                            "for a minimind-3 tokenizer, 0 for MiniMind2's)")
     if stage.add_args:
         stage.add_args(p)
     p.set_defaults(**stage.defaults)
@@ -285,7 +302,7 @@ class Run:
         gradients, blocks compiled under --compile, counted in MFU as one forward per token; run.extras[name]."""
         model.eval().requires_grad_(False)
         if self.args.compile:
-            compile_blocks(model)
+            compile_blocks(model, **compile_options(self.args))
         self.extras[name] = model
         return model
 
@@ -399,6 +416,12 @@ def compile_blocks(model, **compile_kwargs):
     return model
 
 
+def compile_options(args) -> dict:
+    """torch.compile keyword arguments of the flags: the --compile_mode, when one was given."""
+    mode = getattr(args, "compile_mode", None)
+    return {"mode": mode} if mode else {}
+
+
 def default_tokens(batch) -> int:
     masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
     if masks:
@@ -465,6 +488,8 @@ def grad_scaler(device):
 
 def _check_args(args, stage):
     """Everything that can be checked from the flags alone, before any model or data is built."""
+    if args.compile_mode:
+        args.compile = True
     for name in ("epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "save_interval"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -511,6 +536,10 @@ def _check_args(args, stage):
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("--use_wandb needs wandb: pip install -e '.[wandb]'") from None
+    for name in ("add_system_ratio", "drop_empty_think_ratio"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1], got {value}")
     if args.from_resume not in ("0", "1") and not Path(args.from_resume).exists():
         raise ConfigError(f"--from_resume {args.from_resume}: no such file")
     return device
@@ -631,7 +660,7 @@ def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, 
 
 
 def _train(stage, args, device, dist):
-    from minimind.data import build_loader
+    from minimind.data import build_loader, default_ratios
     from minimind.tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
@@ -650,9 +679,17 @@ def _train(stage, args, device, dist):
     resume_path = weights_path.with_name(weights_path.stem + ("_resume_ds" if args.deepspeed else "_resume.pt"))
     resume_from = _resume_source(args, resume_path)
 
+    augment = {}
+    if stage.data_kind in CHAT_KINDS:  # MiniMind's defaults for the tokenizer's chat format where not given
+        names = ("add_system_ratio", "drop_empty_think_ratio")
+        for name, default in zip(names, default_ratios(tokenizer.chat_format)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+            augment[name] = getattr(args, name)
     loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
                           batch_size=args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size,
-                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records)
+                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records,
+                          **augment)
     steps_per_epoch = _min_over_processes(len(loader) // args.accumulation_steps, dist, device)
     if steps_per_epoch < 1:
         raise ConfigError(f"--data_path {args.data_path} gives {len(loader)} batches of {args.batch_size} per "
@@ -688,7 +725,8 @@ def _train(stage, args, device, dist):
             scaler.load_state_dict(state["scaler"])
 
     if args.compile:
-        compile_blocks(model)  # after prepare, so LoRA adapters are in the blocks (run.add_frozen did the others)
+        compile_blocks(model, **compile_options(args))  # after prepare: LoRA adapters are in the blocks by then
+    cuda_graphs = args.compile_mode == "reduce-overhead"
     step_module = StageStep(model, stage.loss, run)
     ds_engine = ddp = None
     if args.deepspeed:
@@ -775,6 +813,8 @@ def _train(stage, args, device, dist):
                     window["flops"] += n_tok * flops_fn(_seq_len(batch))
                     tokens_total += n_tok * W
                     micro_batches.append(_to_device(batch, device))
+                if cuda_graphs:  # a new iteration: the graphs may overwrite the previous step's outputs
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss_mean, metric_sums, grad_norm = train_step(wrapped, micro_batches, optimizer, trainable, lr,
                                                                grad_clip=args.grad_clip, scaler=scaler, ddp=ddp,
                                                                ds_engine=ds_engine)

@@ -18,7 +18,6 @@ from typing import List, Optional
 import torch
 
 from minimind.demo.world import NUM_CANDIDATES, QuizItem, World
-from minimind.tokenizer import render_chat
 
 STYLES = ("text", "chat")  # what style=None scores
 REASON_STYLE = "reason"
@@ -38,12 +37,16 @@ def load_quiz(data_dir=None, split: str = "held_out") -> List[QuizItem]:
                 for line in f if line.strip()]
 
 
+def chat_prompt(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+
+
 def _sequences(item: QuizItem, tokenizer, style: str):
     """(prompt ids, [candidate ids]) for one question in the text or chat style."""
     if style == "text":
         prompt = [tokenizer.bos_id] + tokenizer.encode(item.text_prompt)
         return prompt, [tokenizer.encode(a) for a in item.text_answers]
-    prompt = tokenizer.encode(render_chat([{"role": "user", "content": item.question}])[0])
+    prompt = tokenizer.encode(chat_prompt(tokenizer, item.question))
     return prompt, [tokenizer.encode(a) for a in item.answers]
 
 
@@ -52,7 +55,7 @@ def reasoning_prompts(model, quiz: List[QuizItem], tokenizer, device) -> List[Li
     """For each question: chat prompt + the model's greedy reasoning up to </think> (at most REASON_THINK_TOKENS
     tokens, one left-padded batch), closed by the template's "</think>\n<answer>\n"."""
     from minimind.generate import SamplingConfig, generate, left_pad
-    prompts = [render_chat([{"role": "user", "content": item.question}])[0] for item in quiz]
+    prompts = [chat_prompt(tokenizer, item.question) for item in quiz]
     ids, mask = left_pad([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
     new = generate(model, ids, mask, SamplingConfig(max_new_tokens=REASON_THINK_TOKENS, temperature=0.0),
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

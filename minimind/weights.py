@@ -17,7 +17,8 @@ Without it, `num_attention_heads` (8 in every MiniMind2 preset) and the MoE top-
 
     read_state_dict(path) -> dict                    a weight file, or the model inside a resume checkpoint
     config_from_state_dict(sd, num_attention_heads=8, num_experts_per_tok=2) -> MiniMindConfig
-    find_weights(name, out_dir="out") -> Path        a path, or a stage prefix: "full_sft" -> out/full_sft_*.pth
+    find_weights(name, out_dir="out") -> Path        a path, a file name ("reason_128"), or a stage prefix: "full_sft" ->
+                                                     out/full_sft_*.pth
     load_model(path, lora=None, ...) -> MiniMindForCausalLM in eval mode, a LoRA adapter merged in if given
     load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer   the one the card names (or tokenizer_dir, checked)
 """

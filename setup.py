@@ -31,6 +31,7 @@ setup(
         "liger": ["liger-kernel"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
+        "plot": ["matplotlib"],  # python -m train.plot
         "hf": ["transformers>=4.40", "safetensors"],
     },
 )

@@ -186,7 +186,7 @@ def benchmarks_compact(doc):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write OUTDIR/summary.md for a bench/gpu_suite.sh run and print it.")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="the folder bench/gpu_suite.sh wrote")
     args = p.parse_args(argv)
     text = summary(args.out_dir)
     write_text(os.path.join(args.out_dir, "summary.md"), text)

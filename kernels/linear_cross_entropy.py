@@ -5,6 +5,7 @@ lm_head weight, without ever holding the full tokens x vocab logits.
     lse_i    = log sum_j exp(logits_ij)                  in float32, online over vocab blocks
     raw_i    = lse_i - logits_i[labels_i] + z * lse_i^2  0 where labels_i == ignore_index
     linear_cross_entropy: l_i = w_i * raw_i; "none" -> l, "sum" -> sum l_i, "mean" -> sum l_i / sum_valid w_i
+                          (w_i scales the z term too, unlike Liger's; see kernels/reference.py)
     linear_logprobs:      -raw_i (with z = 0)
     d raw_i / d logits_ij = (1 + 2 z lse_i) * softmax_ij - [j == labels_i]
 

@@ -484,7 +484,7 @@ def main(argv=None):
     add_sampling_args(p)
     d, positive = ServeConfig(""), number_at_least(float, 0, inclusive=False)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (then set --api_key)")
-    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--port", type=int, default=8998, help="TCP port (default %(default)s)")
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the weight file's name)")
     p.add_argument("--max_tokens_cap", type=number_at_least(int, 1), default=d.max_tokens_cap,
                    help="the most tokens one reply may have")

@@ -318,3 +318,22 @@ def test_summary_survives_missing_and_broken_parts(tmp_path):
     assert "| kernels | 124 (timed out) | 115 |" in text
     assert "## kernels: no result" in text and "## throughput: could not summarise" in text
     assert "1 PASSED, 1 FAILED" in text
+
+
+def test_data_bench_builds_a_given_files_cache_beside_it_once(tmp_path):
+    """bench.data --pretrain FILE: the parallel build is the cache training uses (FILE.tokcache), reused when it is
+    already there; the in-process build is timed on a copy of the file's first MBs, not on the whole file again."""
+    from bench import data as bench_data
+    from minimind.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    path = tmp_path / "pretrain.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(300)))
+    (tmp_path / "tmp").mkdir()
+    first = bench_data.bench_cache(tok, path, "pretrain", 2, tmp_path / "tmp", sample_mb=0.01)
+    second = bench_data.bench_cache(tok, path, "pretrain", 2, tmp_path / "tmp", sample_mb=0.01)
+    assert first["parallel"]["folder"].startswith(f"{path}.tokcache") and not first["parallel"]["reused"]
+    assert second["parallel"]["reused"] and second["parallel"]["cache_build_mb_s"] is None
+    assert second["parallel"]["folder"] == first["parallel"]["folder"]
+    head = first["in_process"]
+    assert head["folder"].startswith(str(tmp_path / "tmp")) and head["mb"] <= 0.01 < first["parallel"]["mb"]
+    assert head["cache_build_mb_s"] > 0 and head["workers"] == 0

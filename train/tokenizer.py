@@ -93,7 +93,8 @@ def main():
     ap.add_argument("--data", nargs="+", required=True, help="JSON Lines file(s), any MiniMind data format")
     ap.add_argument("--format", default="minimind2", choices=sorted(FORMATS),
                     help="added tokens and chat template: MiniMind2's, or minimind-3's (thinking and tools)")
-    ap.add_argument("--vocab_size", type=int, default=6400)
+    ap.add_argument("--vocab_size", type=int, default=6400,
+                    help="tokens in all, the special tokens and the 256 bytes included (default %(default)s, MiniMind's)")
     ap.add_argument("--min_frequency", type=int, default=2, help="a pair must occur this often to be merged")
     ap.add_argument("--split_han", action="store_true", help="one pre-token per Chinese character (see above)")
     ap.add_argument("--out", required=True, help="output folder")

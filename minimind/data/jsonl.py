@@ -86,7 +86,7 @@ def _json_field(value, where):
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{where} is not valid JSON: {e.msg} at column {e.colno}") from None
+        raise RecordError(f"{where} is not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}") from None
 
 
 def _check_tool_calls(value, where) -> list:
@@ -185,6 +185,16 @@ def _check_t2t_conversation(conv, field):
     return messages, tools
 
 
+def _json_error(e: json.JSONDecodeError, text: str) -> str:
+    """What is wrong with a line json.loads refused; a line that ends before its record does (the error at its end,
+    or a string never closed: the newline fell inside it) is named as truncated."""
+    end = len(text.rstrip("\r\n"))
+    what = f"{e.msg.removesuffix(' at')} at column {min(e.pos, end) + 1}"  # json says "Invalid control character at"
+    if e.pos >= end or e.msg.startswith("Unterminated string"):
+        return f"malformed JSON: the line ends inside a record ({what}); it looks truncated"
+    return f"malformed JSON: {what}"
+
+
 CHECKS = {"minimind2": _check_conversation, "minimind3": _check_t2t_conversation}
 
 
@@ -201,7 +211,7 @@ def parse_record(kind: str, line: bytes, chat_format: str = "minimind2"):
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+        raise RecordError(_json_error(e, text)) from None
     if not isinstance(obj, dict):
         raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
     if kind == "pretrain":

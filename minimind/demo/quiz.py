@@ -134,15 +134,18 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="a .pth state dict (none: a randomly initialised model)")
-    ap.add_argument("--hidden_size", type=int, default=128)
-    ap.add_argument("--num_hidden_layers", type=int, default=4)
-    ap.add_argument("--num_attention_heads", type=int, default=4)
-    ap.add_argument("--num_key_value_heads", type=int, default=2)
+    ap.add_argument("--hidden_size", type=int, default=128, help="model shape (default %(default)s: the demo's)")
+    ap.add_argument("--num_hidden_layers", type=int, default=4, help="model shape (default %(default)s: the demo's)")
+    ap.add_argument("--num_attention_heads", type=int, default=4, help="model shape (default %(default)s: the demo's)")
+    ap.add_argument("--num_key_value_heads", type=int, default=2, help="model shape (default %(default)s: the demo's)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
     ap.add_argument("--data_dir", default=None, help="demo data folder with eval.jsonl (default: generated)")
-    ap.add_argument("--style", choices=STYLES + (REASON_STYLE,), default=None)
-    ap.add_argument("--split", choices=("held_out", "seen"), default="held_out")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--style", choices=STYLES + (REASON_STYLE,), default=None,
+                    help="how questions are asked: as text, as a chat turn, or in the reasoning template "
+                         "(default: text and chat)")
+    ap.add_argument("--split", choices=("held_out", "seen"), default="held_out",
+                    help="held_out: facts no training question asks about; seen: the ones it does")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     args = ap.parse_args()
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads)

@@ -51,6 +51,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Optional
 from unittest import mock
 
 import torch
@@ -479,14 +480,16 @@ class Shapes:
     kv_heads: int = 2
     act: torch.dtype = torch.bfloat16
     stream: torch.dtype = torch.float32
+    intermediate_size: Optional[int] = None  # None: MiniMind2's rule of hidden
+    head_size: Optional[int] = None          # None: hidden / heads
 
     @property
     def inter(self):
-        return 64 * math.ceil(int(8 * self.hidden / 3) / 64)
+        return self.intermediate_size or 64 * math.ceil(int(8 * self.hidden / 3) / 64)
 
     @property
     def head_dim(self):
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     def rows(self, width, dtype):
         return torch.empty(self.tokens, width, dtype=dtype, requires_grad=True)
@@ -508,6 +511,8 @@ GUARDED_OPS = {
     "add_rms_norm": (lambda s: [s.rows(s.hidden, s.act), s.rows(s.hidden, s.stream), s.weight(s.hidden)],
                      lambda ins, outs: [outs[0], ins[2]]),
     "rope": (lambda s: [s.heads_of(s.heads), s.heads_of(s.kv_heads), *s.rope_tables()], lambda ins, outs: ins[2:]),
+    "qk_norm_rope": (lambda s: [s.heads_of(s.heads), s.heads_of(s.kv_heads), s.weight(s.head_dim),
+                                s.weight(s.head_dim), *s.rope_tables()], lambda ins, outs: ins),
     "swiglu": (lambda s: [s.rows(s.inter, s.act), s.rows(s.inter, s.act)], lambda ins, outs: ins),
 }
 

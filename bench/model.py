@@ -91,8 +91,10 @@ def fused_ops(presets, sms):
     for preset in presets:
         cfg = MiniMindConfig.from_preset(preset)
         shapes = launches.Shapes(cfg.hidden_size, tokens=BATCH * SEQ, seq=SEQ, heads=cfg.num_attention_heads,
-                                 kv_heads=cfg.num_key_value_heads)
-        for op in launches.GUARDED_OPS:
+                                 kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size,
+                                 head_size=cfg.head_dim)
+        unused = "rope" if cfg.qk_norm else "qk_norm_rope"  # minimind-3 rotates through the fused q/k norm
+        for op in (op for op in launches.GUARDED_OPS if op != unused):
             c = launches.count_guarded_op(op, shapes, sms)
             rows.append({"preset": preset, "op": op, "hidden": cfg.hidden_size, "bytes": c.bytes(),
                          "minimum_bytes": c.minimum_forward + c.minimum_backward, "ratio": c.ratio,

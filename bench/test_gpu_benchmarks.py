@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs CUDA")
 
-OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "linear_cross_entropy", "moe")
+OPS = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "swiglu", "linear_cross_entropy", "moe")
 
 
 def _case(op):
@@ -42,7 +42,7 @@ def test_op_forward_backward(benchmark, op, backend):
 
 
 @pytest.mark.parametrize("variant", ["minimind2", "triton"])
-@pytest.mark.parametrize("preset", ["small", "moe"])
+@pytest.mark.parametrize("preset", ["small", "moe", "minimind3"])
 def test_training_step(benchmark, preset, variant):
     from bench import throughput
     from minimind.config import MiniMindConfig

@@ -42,7 +42,8 @@ from minimind.config import PRESETS, MiniMindConfig
 TARGETS = (80, 86, 90)  # A100, RTX 3090 / A10, H100 / H200
 _PRESETS = [MiniMindConfig.from_preset(name) for name in PRESETS]
 HIDDEN = sorted({c.hidden_size for c in _PRESETS})                                    # 512, 640, 768
-HEADS = sorted({(c.num_attention_heads, c.num_key_value_heads, c.head_dim) for c in _PRESETS})  # D 64, 80, 96
+# (q heads, kv heads, head dim): MiniMind2's 8/2 of 64, 80, 96 and minimind-3's 8/4 of 96
+HEADS = sorted({(c.num_attention_heads, c.num_key_value_heads, c.head_dim) for c in _PRESETS})
 VOCAB = sorted({c.vocab_size for c in _PRESETS})                                      # 6400
 # (activation dtype, weight dtype): mixed-precision training keeps fp32 weights; a bf16 model has bf16 weights.
 DTYPES = (("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16"))
@@ -105,6 +106,29 @@ def _rope_cases():
                               constexprs={"BACKWARD": backward, "BLOCK_HQ": block_hq, "BLOCK_HKV": block_hkv,
                                           "BLOCK_HALF": block_half},
                               num_warps=warps, divisible_by_16=("q_sb", "q_st", "k_sb", "k_st", "cos_stride"))
+
+
+def _qk_norm_rope_cases():
+    """Every head shape of the presets (minimind-3's 8/4 of 96, and MiniMind2's with --qk_norm 1), activations in
+    each dtype with fp32 norm weights (mixed precision) or bf16 ones (a bf16 model)."""
+    from kernels import qk_norm_rope as m
+    for n_q, n_kv, D in HEADS:
+        block_hq, block_hkv, block_half, warps, bwd_warps = m.qk_norm_rope_config(n_q, n_kv, D)
+        blocks = {"BLOCK_HQ": block_hq, "BLOCK_HKV": block_hkv, "BLOCK_HALF": block_half}
+        label = ",".join(f"{k}={v}" for k, v in blocks.items())
+        strides = ("q_sb", "q_st", "q_sh", "k_sb", "k_st", "k_sh", "cos_stride")  # multiples of D, and of 16
+        ints = (*strides, "seq_len", "offset", "n_q_heads", "n_kv_heads", "half")
+        div16 = strides + (("half",) if D // 2 % 16 == 0 else ())
+        for xt, wt in DTYPES:
+            common = {"Q": f"*{xt}", "K": f"*{xt}", "QW": f"*{wt}", "KW": f"*{wt}", "COS": "*fp32", "SIN": "*fp32",
+                      **{name: "i32" for name in ints}, "eps": "fp32"}
+            yield AOTCase(f"qk_norm_rope_fwd[{label},half={D // 2},{xt}/{wt}]", m._qk_norm_rope_fwd_kernel,
+                          types={**common, "QO": f"*{xt}", "KO": f"*{xt}"}, constexprs=blocks, num_warps=warps,
+                          divisible_by_16=div16)
+            yield AOTCase(f"qk_norm_rope_bwd[{label},half={D // 2},{xt}/{wt}]", m._qk_norm_rope_bwd_kernel,
+                          types={**common, "DQO": f"*{xt}", "DKO": f"*{xt}", "DQ": f"*{xt}", "DK": f"*{xt}",
+                                 "DQW_PARTIAL": "*fp32", "DKW_PARTIAL": "*fp32", "n_tokens": "i32"},
+                          constexprs=blocks, num_warps=bwd_warps, divisible_by_16=div16)
 
 
 def _swiglu_cases():
@@ -190,6 +214,7 @@ def _moe_cases():
 CASES = {
     "rms_norm": _rms_norm_cases,
     "rope": _rope_cases,
+    "qk_norm_rope": _qk_norm_rope_cases,
     "swiglu": _swiglu_cases,
     "linear_cross_entropy": _linear_cross_entropy_cases,
     "moe": _moe_cases,

@@ -48,6 +48,17 @@ def rope(q, k, cos, sin, offset=0):
     return rq.to(q.dtype), rk.to(k.dtype)
 
 
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset=0, eps=1e-6):
+    """minimind-3's q/k norm then RoPE: rope(rms_norm(q, q_weight), rms_norm(k, k_weight)), the norm over the
+    head dim D with one weight (D,) shared by all heads of q (of k). Float32 throughout, one rounding at the end.
+
+    q (B, T, Hq, D), k (B, T, Hkv, D); cos, sin as in `rope`. Returns (q, k) in their dtypes.
+    """
+    qn, kn = rms_norm(q.float(), q_weight, eps), rms_norm(k.float(), k_weight, eps)
+    rq, rk = rope(qn, kn, cos, sin, offset)
+    return rq.to(q.dtype), rk.to(k.dtype)
+
+
 def swiglu(gate, up):
     """silu(gate) * up, elementwise, in float32, returned in gate.dtype."""
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)

@@ -1,14 +1,17 @@
-"""MiniMind2: a decoder-only transformer (dense or mixture-of-experts) on a switchable kernel backend.
+"""MiniMind (MiniMind2 and minimind-3): a decoder-only transformer (dense or mixture-of-experts) on a switchable
+kernel backend.
 
     x = embed(ids)
     for each layer:  x = x + Attention(RMSNorm(x));  x = x + MLP(RMSNorm(x))     (MLP = SwiGLU or MoE)
     logits = RMSNorm(x) @ embed.T                                               (tied lm_head)
 
-Attention is grouped-query with rotate-half RoPE. The hot ops come from `kernels.get_backend(kernels)`; the model
-never branches on the backend. The residual add and the next norm go through one fused op (`add_rms_norm`), and
-with labels the loss is `linear_cross_entropy` on the hidden states, so a fused backend never builds the logits.
-State dicts use MiniMind2's (Hugging Face Llama) key names; MoE experts are stored stacked as (E, I, H) inside
-and converted to MiniMind2's one-module-per-expert keys on save and load.
+Attention is grouped-query with rotate-half RoPE; with config.qk_norm (minimind-3, as Qwen3) q and k are first
+RMS-normalised over the head dim (`ops.qk_norm_rope`, one fused op). The hot ops come from
+`kernels.get_backend(kernels)`; the model never branches on the backend. The residual add and the next norm go
+through one fused op (`add_rms_norm`), and with labels the loss is `linear_cross_entropy` on the hidden states, so a
+fused backend never builds the logits. State dicts use MiniMind's (Hugging Face Llama / Qwen3) key names
+(`self_attn.q_norm.weight`, `self_attn.k_norm.weight` with q/k norm); MoE experts are stored stacked as (E, I, H)
+inside and converted to MiniMind's one-module-per-expert keys on save and load.
 
 `python -m minimind.model` prints every preset with its parameter count.
 """
@@ -65,6 +68,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def position(self, q, k, cos, sin, offset):
+        """RoPE of q (B, T, Hq, D) and k (B, T, Hkv, D) at rows offset.. of cos/sin; q/k norm first if configured."""
+        if self.q_norm is None:
+            return self.ops.rope(q, k, cos, sin, offset)
+        return self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, offset, self.q_norm.eps)
 
     def forward(self, x, cos, sin, past=None, mask=None):
         """x (B, T, H); past (k, v) each (B, T_past, Hkv, D) or None; mask (B, 1, T, T_past + T) bool or None
@@ -74,7 +85,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         offset = 0 if past is None else past[0].shape[1]
-        q, k = self.ops.rope(q, k, cos, sin, offset)
+        q, k = self.position(q, k, cos, sin, offset)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         if (self.attn_impl == "flash" and mask is None and offset == 0 and q.is_cuda
@@ -107,18 +118,24 @@ _EXPERT_WEIGHTS = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "dow
 
 
 class MoEFeedForward(nn.Module):
-    """Mixture of SwiGLU experts, MiniMind2-style.
+    """Mixture of SwiGLU experts, MiniMind-style.
 
-    scores = softmax(x @ gate.T) (N, E); the top-k experts per token, their scores renormalised to sum 1;
-    y = sum_k w_k * expert_k(x) + sum of the shared experts (unweighted). Training adds the sequence-level
-    auxiliary loss alpha * mean_b sum_e f_be * P_be, with f_be = count of expert e in sequence b times
-    E / (T * k) and P_be the mean score of e over sequence b.
+    scores = softmax(x @ gate.T) (N, E); the top-k experts per token, their scores renormalised to sum 1
+    (norm_topk_prob; so minimind-3's top-1 weight is 1. MiniMind2's code skips it at k = 1, where it keeps the
+    score: norm_topk_prob=False gives that; every MiniMind2 preset has k = 2);
+    y = sum_k w_k * expert_k(x) + sum of the shared experts (unweighted; minimind-3 has none).
+    Training adds an auxiliary load-balancing loss, P_e = mean score of expert e:
+      "sequence" (MiniMind2): alpha * mean_b sum_e f_be * P_be, f_be = count of e in sequence b * E / (T * k),
+                              P_be over sequence b
+      "batch" (minimind-3):   alpha * E * sum_e load_e * P_e, load_e = count of e over the N tokens' k choices / N,
+                              P_e over all N tokens
     Expert weights are stacked: w_gate, w_up (E, I, H), w_down (E, H, I).
     """
 
     def __init__(self, cfg: MiniMindConfig, ops):
         super().__init__()
         self.ops, self.top_k, self.norm_topk = ops, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.aux_scope = cfg.aux_loss_scope
         self.alpha, E, H, I = cfg.aux_loss_alpha, cfg.n_routed_experts, cfg.hidden_size, cfg.intermediate_size
         self.gate = nn.Linear(H, E, bias=False)
         self.w_gate = nn.Parameter(torch.empty(E, I, H))
@@ -132,7 +149,9 @@ class MoEFeedForward(nn.Module):
         """x (N, H) -> topk_idx (N, k), topk_weight (N, k) float32, scores (N, E) float32."""
         scores = self.gate(x).float().softmax(dim=-1)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
-        if self.top_k > 1 and self.norm_topk:
+        if self.norm_topk and self.top_k == 1:  # w / w = 1 and its gradient is 0 (autograd of w / w gives rounding
+            topk_weight = torch.ones_like(topk_weight)  # noise of the size of the aux loss's gradient instead)
+        elif self.norm_topk:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         return topk_idx, topk_weight, scores
 
@@ -146,12 +165,20 @@ class MoEFeedForward(nn.Module):
             y = y + expert(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.training and self.alpha > 0:
-            E = scores.shape[-1]
-            counts = torch.zeros(B, E, device=x.device).scatter_add_(
-                1, topk_idx.view(B, -1), torch.ones(B, T * self.top_k, device=x.device))
-            f = counts / (T * self.top_k / E)
-            aux = (f * scores.view(B, T, E).mean(dim=1)).sum(dim=1).mean() * self.alpha
+            aux = self.aux_loss(topk_idx.view(B, T * self.top_k), scores.view(B, T, -1))
         return y, aux
+
+    def aux_loss(self, chosen, scores):
+        """chosen (B, T*k) expert ids, scores (B, T, E) -> the load-balancing loss of aux_scope (class docstring)."""
+        B, T, E = scores.shape
+        if self.aux_scope == "batch":
+            load = torch.zeros(E, device=scores.device).index_add_(
+                0, chosen.reshape(-1), torch.ones(chosen.numel(), device=scores.device)) / (B * T)
+            return E * (load * scores.mean(dim=(0, 1))).sum() * self.alpha
+        counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, chosen, torch.ones(chosen.shape, device=scores.device))
+        f = counts / (T * self.top_k / E)
+        return (f * scores.mean(dim=1)).sum(dim=1).mean() * self.alpha
 
 
 def _experts_to_minimind_keys(module, state_dict, prefix, local_metadata):
@@ -256,7 +283,8 @@ def shift_labels(labels, ignore_index=-100):
 
 
 class MiniMindForCausalLM(nn.Module):
-    """MiniMind2 language model. kernels: "torch" | "triton" | "liger"; attn: "sdpa" | "flash"."""
+    """MiniMind language model (MiniMind2 or minimind-3, by config). kernels: "torch" | "triton" | "liger";
+    attn: "sdpa" | "flash"."""
 
     def __init__(self, config: MiniMindConfig, kernels: str = "torch", attn: str = "sdpa"):
         super().__init__()
@@ -333,13 +361,18 @@ def main():
         cfg = MiniMindConfig.from_preset(name)
         with torch.device("meta"):
             n = MiniMindForCausalLM(cfg).num_parameters()
-        active = ""
+        generation = "minimind-3" if cfg.qk_norm else "MiniMind2"
+        kind = "dense"
+        if cfg.use_moe:
+            shared = f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
+            kind = f"moe {cfg.n_routed_experts} routed{shared} top-{cfg.num_experts_per_tok}"
+        line = (f"{name:13s} {generation:10s} hidden {cfg.hidden_size:4d} layers {cfg.num_hidden_layers:2d} heads "
+                f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}x{cfg.head_dim} {kind:29s} {n:>12,} parameters")
         if cfg.use_moe:
             per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
             idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert * cfg.num_hidden_layers
-            active = f"  ({n - idle:,} active per token)"
-        print(f"{name:6s} hidden {cfg.hidden_size:4d} layers {cfg.num_hidden_layers:2d} "
-              f"{'moe' if cfg.use_moe else 'dense'}: {n:,} parameters{active}")
+            line += f" ({n - idle:,} active per token)"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,24 @@ def test_throughput_backend_without_the_op_is_unavailable(tmp_path, monkeypatch)
     assert [r["status"] for r in rows] == ["unavailable"], rows
 
 
+def test_throughput_measures_the_minimind3_presets(tmp_path):
+    """--preset minimind3-moe on the CPU: a tiny model of its structure, both steps measured; the MFU count's
+    attention term uses heads x head_dim, not the hidden size."""
+    from minimind.config import MiniMindConfig
+    cfg = throughput.tiny_config("minimind3-moe")
+    assert cfg.qk_norm and cfg.head_dim == 16 and cfg.num_key_value_heads == 4 and cfg.n_shared_experts == 0
+    assert throughput.main(["--cpu-smoke", "--preset", "minimind3-moe", "--variants", "minimind2", "torch",
+                            "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "throughput.json").read_text())["results"]
+    assert [(r["preset"], r["variant"], r["status"]) for r in rows] == [("minimind3-moe", "minimind2", "ok"),
+                                                                       ("minimind3-moe", "torch", "ok")]
+    from minimind.model import MiniMindForCausalLM
+    from train import engine
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(MiniMindConfig.from_preset("minimind3", head_dim=64))
+    assert engine.default_flops_per_token(model, 512) == 6 * engine.matmul_params(model) + 12 * 8 * 8 * 64 * 512
+
+
 def _throughput_doc(device="NVIDIA H200"):
     """A throughput file as bench.throughput writes it, with round numbers for hand computation."""
     def row(variant, preset, tok_s, step_ms, useful, flops_per_token=1e9):
@@ -184,6 +202,32 @@ def test_cost_arithmetic_by_hand():
     assert rows[("small", "rlhf")]["tokens"] == pytest.approx(0.9e9 / 2.6)
     assert rows[("small", "rlhf")]["hours"] == pytest.approx(0.9e9 / 2.6 * 4 / 3 / 4e5 / 3600)
     assert "MISSED (projection)" in cost.markdown(doc)
+
+
+def test_cost_knows_minimind3_table_and_data_sizes():
+    """minimind-3's presets get minimind-3's stages (not MiniMind2's): token estimates from its published sizes,
+    its published 3090 hours per epoch, and the Zero model (pretrain_t2t_mini + sft_t2t_mini) adding up to the
+    published 2.31 h / 3.0 yuan; stages without a published size show only the published hours."""
+    doc = _throughput_doc()
+    for r in list(doc["results"]):
+        doc["results"].append({**r, "preset": "minimind3"})
+    doc = cost.build(doc, tokens={"sft_t2t_mini": 400_000_000})
+    rows = {(r["model"], r["stage"]): r for r in doc["rows"]}
+    assert {s for m, s in rows if m == "minimind3"} == {s for s, v in cost.STAGES.items() if v["generation"] == cost.M3}
+    assert ("small", "pretrain_t2t_mini") not in rows and ("minimind3", "pretrain") not in rows
+    pre = rows[("minimind3", "pretrain_t2t_mini")]
+    assert pre["tokens"] == pytest.approx(1.2e9 / 3.70) and pre["token_source"] == "estimate" and pre["seq_len"] == 340
+    assert pre["hours"] == pytest.approx(1.2e9 / 3.70 / 4e5 / 3600)  # the fastest variant: 4e5 useful tok/s
+    assert pre["proj_3090_ratio_h"] == pytest.approx(1.21 / 4.0)
+    assert rows[("minimind3", "pretrain_t2t")]["tokens"] == pytest.approx(10e9 / 3.70)
+    assert rows[("minimind3", "sft_t2t_mini")]["hours"] == pytest.approx(4e8 / 4e5 / 3600)
+    for stage, published in (("toolcall", 0.9), ("rlaif", 1.1)):
+        assert rows[("minimind3", stage)]["published_3090_h"] == published
+        assert rows[("minimind3", stage)].get("hours") is None and rows[("minimind3", stage)]["tokens"] is None
+    zero = doc["zero"]["minimind3"]
+    assert zero["published_3090_h"] == pytest.approx(2.31) and zero["published_3090_yuan"] == pytest.approx(3.0, abs=0.01)
+    assert zero["hours"] == pytest.approx(pre["hours"] + 4e8 / 4e5 / 3600)
+    assert "minimind-3 Zero (minimind3" in cost.markdown(doc)
 
 
 def test_cost_datasheet_and_matmul_rate_source():

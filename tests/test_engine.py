@@ -226,6 +226,19 @@ def test_preset_and_explicit_flags():
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (640, 2, True)
     cfg = engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args([]), 6400)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (512, 8, False)  # MiniMind2's defaults
+    # minimind-3: another width keeps the preset's rules (pi MLP width, head dim hidden / heads, q/k norm, eps)
+    args = engine.build_parser(pretrain.STAGE).parse_args(["--preset", "minimind3", "--hidden_size", "512"])
+    cfg = engine.config_from_args(args, 6400)
+    assert (cfg.intermediate_size, cfg.head_dim, cfg.qk_norm, cfg.rms_norm_eps) == (1664, 64, True, 1e-6)
+    args = engine.build_parser(pretrain.STAGE).parse_args(
+        ["--preset", "moe", "--qk_norm", "1", "--head_dim", "32", "--num_experts_per_tok", "1", "--n_shared_experts",
+         "0", "--aux_loss_scope", "batch", "--aux_loss_alpha", "1e-3", "--intermediate_size", "256",
+         "--rms_norm_eps", "1e-6"])
+    cfg = engine.config_from_args(args, 6400)
+    assert (cfg.qk_norm, cfg.head_dim, cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.aux_loss_scope,
+            cfg.aux_loss_alpha, cfg.intermediate_size, cfg.rms_norm_eps) == (True, 32, 1, 0, "batch", 1e-3, 256, 1e-6)
+    with pytest.raises(engine.ConfigError, match="head_dim must be even"):
+        engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args(["--head_dim", "33"]), 6400)
 
 
 def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noqa: F811

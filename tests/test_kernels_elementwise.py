@@ -1,5 +1,5 @@
-"""Numerical parity of the Triton rms_norm, add_rms_norm, rope and swiglu kernels with kernels/reference.py:
-forward and every gradient, fp32 / bf16 / fp16, MiniMind2 and awkward shapes.
+"""Numerical parity of the Triton rms_norm, add_rms_norm, rope, qk_norm_rope and swiglu kernels with
+kernels/reference.py: forward and every gradient, fp32 / bf16 / fp16, MiniMind2 and awkward shapes.
 
 The reference always runs in float32 on the (upcast) same input values, so low-precision results are compared with
 the exact answer, never with themselves. Every torch.empty / torch.empty_like made during a test is filled with NaN
@@ -12,6 +12,7 @@ import torch
 from kernels import reference as ref
 
 triton = pytest.importorskip("triton")
+from kernels.qk_norm_rope import qk_norm_rope  # noqa: E402
 from kernels.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from kernels.rope import rope  # noqa: E402
 from kernels.swiglu import _swiglu_fwd_kernel, swiglu  # noqa: E402
@@ -296,6 +297,96 @@ def test_rope_bad_input_names_the_file():
         rope(q, k[:, :3], cos.to(DEVICE), sin.to(DEVICE))
 
 
+# ---------------------------------------------------------------------------------------------------- q/k norm + RoPE
+
+QK_NORM_ROPE_SHAPES = [  # (B, T, Hq, Hkv, D, offset)
+    (2, 5, 8, 4, 96, 0),    # minimind-3: 8 q / 4 kv heads of 96 (half 48: the tile's 64 lanes are masked)
+    (1, 3, 8, 4, 96, 9),    # an offset, as in cached decoding
+    (2, 4, 8, 2, 64, 1),    # MiniMind2's head dim with the norm switched on
+    (1, 6, 6, 3, 96, 0),    # 3 kv heads, 6 q heads: neither a power of two
+    (1, 1, 8, 4, 96, 30),   # one token
+    (1, 17, 4, 4, 64, 2),   # B = 1 and many rows: the generation engine's (1, batch, H, D) decode layout
+] + ([(8, 512, 8, 4, 96, 0), (4, 256, 8, 4, 96, 100)] if CUDA else [])
+
+
+def _qk_norm_rope_case(B, T, Hq, Hkv, D, offset, dtype, seed, scale=1.0, eps=1e-6):
+    """Run the kernel and the float32 reference on the same values, cos/sin tables whose two halves differ and
+    random norm weights; returns {name: (ours, reference)} for the outputs and all four gradients."""
+    g = gen(seed)
+    q, k = randn((B, T, Hq, D), g, dtype, scale=scale), randn((B, T, Hkv, D), g, dtype, scale=scale)
+    qw, kw = 1 + randn((D,), g, scale=0.3), 1 + randn((D,), g, scale=0.3)
+    qw, kw = qw.detach().requires_grad_(), kw.detach().requires_grad_()
+    cos, sin = torch.randn(offset + T + 2, D, generator=g, device=DEVICE), torch.randn(offset + T + 2, D,
+                                                                                      generator=g, device=DEVICE)
+    dq, dk = randn((B, T, Hq, D), g, dtype, requires_grad=False), randn((B, T, Hkv, D), g, dtype, requires_grad=False)
+    qo, ko = qk_norm_rope(q, k, qw, kw, cos, sin, offset, eps)
+    grads = torch.autograd.grad((qo, ko), (q, k, qw, kw), (dq, dk))
+    ups = [upcast(t) for t in (q, k, qw, kw)]
+    qo32, ko32 = ref.qk_norm_rope(*ups, cos, sin, offset, eps)
+    grads32 = torch.autograd.grad((qo32, ko32), ups, (dq.float(), dk.float()))
+    assert qo.dtype == ko.dtype == grads[0].dtype == grads[1].dtype == dtype
+    assert grads[2].dtype == grads[3].dtype == torch.float32
+    names = ("q", "k", "dq", "dk", "dq_weight", "dk_weight")
+    return dict(zip(names, zip((qo, ko, *grads), (qo32, ko32, *grads32))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,offset", QK_NORM_ROPE_SHAPES)
+def test_qk_norm_rope(B, T, Hq, Hkv, D, offset, dtype):
+    for name, (a, b) in _qk_norm_rope_case(B, T, Hq, Hkv, D, offset, dtype, seed=B * 1000 + T * 10 + D).items():
+        assert_close(a, b, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qk_norm_rope_rows_small_enough_that_eps_matters(dtype):
+    """Rows of RMS 1e-3: mean(x^2) = 1e-6 = eps, so a kernel that dropped eps (or used another) is off by ~40%."""
+    for name, (a, b) in _qk_norm_rope_case(2, 3, 8, 4, 96, 1, dtype, seed=21, scale=1e-3, eps=1e-6).items():
+        assert_close(a, b, TOL[dtype], name)
+    wrong = _qk_norm_rope_case(2, 3, 8, 4, 96, 1, torch.float32, seed=21, scale=1e-3, eps=0.0)["q"][0]
+    right = _qk_norm_rope_case(2, 3, 8, 4, 96, 1, torch.float32, seed=21, scale=1e-3, eps=1e-6)["q"][0]
+    assert (wrong - right).abs().max() > 0.1 * right.abs().max()
+
+
+def test_qk_norm_rope_strided_inputs_deterministic_weight_grads_and_empty_input():
+    """q and k as views of one fused projection (B, T, (Hq + Hkv) * D) split by heads, as a fused qkv would give;
+    the norm weights' gradients come out bit-identical on a second run (no atomics); no tokens works."""
+    g = gen(22)
+    B, T, Hq, Hkv, D = 2, 7, 8, 4, 96
+    qk = randn((B, T, (Hq + Hkv) * D), g)
+    qw, kw = randn((D,), g), randn((D,), g)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(D, T + 3))
+    dq, dk = randn((B, T, Hq, D), g, requires_grad=False), randn((B, T, Hkv, D), g, requires_grad=False)
+    runs = []
+    for _ in range(2):
+        q, k = qk[..., :Hq * D].view(B, T, Hq, D), qk[..., Hq * D:].view(B, T, Hkv, D)
+        out = qk_norm_rope(q, k, qw, kw, cos, sin, 3)
+        runs.append((out, torch.autograd.grad(out, (qk, qw, kw), (dq, dk))))
+    qk32, qw32, kw32 = upcast(qk), upcast(qw), upcast(kw)
+    out32 = ref.qk_norm_rope(qk32[..., :Hq * D].view(B, T, Hq, D), qk32[..., Hq * D:].view(B, T, Hkv, D), qw32,
+                             kw32, cos, sin, 3)
+    grads32 = torch.autograd.grad(out32, (qk32, qw32, kw32), (dq, dk))
+    (out, grads) = runs[0]
+    for name, a, b in zip(("q", "k", "dqk", "dq_weight", "dk_weight"), (*out, *grads), (*out32, *grads32)):
+        assert_close(a, b, TOL[torch.float32], name)
+    assert torch.equal(runs[0][1][1], runs[1][1][1]) and torch.equal(runs[0][1][2], runs[1][1][2])
+    e = torch.zeros(0, 4, Hq, D, device=DEVICE, requires_grad=True)
+    qo, ko = qk_norm_rope(e, e[:, :, :Hkv], qw, kw, cos, sin)
+    assert qo.shape == (0, 4, Hq, D) and ko.shape == (0, 4, Hkv, D)
+    assert torch.equal(torch.autograd.grad(qo.sum() + ko.sum(), qw)[0], torch.zeros_like(qw))
+
+
+def test_qk_norm_rope_bad_input_names_the_file():
+    q, k = torch.randn(1, 4, 8, 64, device=DEVICE), torch.randn(1, 4, 2, 64, device=DEVICE)
+    w = torch.ones(64, device=DEVICE)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(64, 5))
+    with pytest.raises(ValueError, match="kernels/qk_norm_rope.py.*offset \\+ T"):
+        qk_norm_rope(q, k, w, w, cos, sin, offset=2)
+    with pytest.raises(ValueError, match="kernels/qk_norm_rope.py.*q_weight and k_weight"):
+        qk_norm_rope(q, k, w, w[:32], cos, sin)
+    with pytest.raises(ValueError, match="kernels/qk_norm_rope.py.*same B, T, D"):
+        qk_norm_rope(q, k[:, :3], w, w, cos, sin)
+
+
 # ---------------------------------------------------------------------------------------------------------- SwiGLU
 
 SWIGLU_SHAPES = [(1, 1), (3, 123), (37, 1728), (2, 5, 640)] + ([(4096, 1728), (16384, 2048)] if CUDA else [])
@@ -346,6 +437,7 @@ def test_liger_backend_matches_reference(dtype):
     q, k = randn((2, 32, 8, 80), g, dtype), randn((2, 32, 2, 80), g, dtype)
     cos, sin = (t.to(DEVICE) for t in rope_tables(80, 40))
     hidden, weight = randn((64, 640), g, dtype), randn((6400, 640), g, dtype, scale=0.05)
+    qw, kw = 1 + randn((80,), g, scale=0.3), 1 + randn((80,), g, scale=0.3)
     labels = torch.randint(0, 6400, (64,), generator=g, device=DEVICE)
     labels[:5] = -100
     token_weights = torch.rand(64, generator=g, device=DEVICE) + 0.5
@@ -354,11 +446,12 @@ def test_liger_backend_matches_reference(dtype):
         "add_rms_norm": lambda ops, a: ops.add_rms_norm(a[0], a[1], a[2], 1e-5),
         "swiglu": lambda ops, a: ops.swiglu(a[0], a[1]),
         "rope": lambda ops, a: ops.rope(a[3].clone(), a[4].clone(), cos, sin, 3),  # liger rotates in place
+        "qk_norm_rope": lambda ops, a: ops.qk_norm_rope(a[3], a[4], a[7], a[8], cos, sin, 3, 1e-6),
         "linear_cross_entropy": lambda ops, a: ops.linear_cross_entropy(a[5], a[6], labels,
                                                                         token_weights=token_weights, z_loss=1e-4),
         "linear_logprobs": lambda ops, a: ops.linear_logprobs(a[5], a[6], labels),
     }
-    inputs = (x, r, w, q, k, hidden, weight)
+    inputs = (x, r, w, q, k, hidden, weight, qw.detach().requires_grad_(), kw.detach().requires_grad_())
     for name, run in cases.items():
         out = run(liger, inputs)
         out = out if isinstance(out, tuple) else (out,)

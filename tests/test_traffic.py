@@ -21,7 +21,7 @@ if torch.cuda.is_available():
     pytest.skip("the traffic recorder wraps Triton's interpreter (CPU only)", allow_module_level=True)
 
 from kernels import linear_cross_entropy as lce  # noqa: E402
-from kernels import moe, rms_norm, rope, swiglu  # noqa: E402
+from kernels import moe, qk_norm_rope, rms_norm, rope, swiglu  # noqa: E402
 from minimind.model import rope_tables  # noqa: E402
 
 
@@ -143,9 +143,10 @@ def test_rms_norm_traffic(rows, hidden, x_dtype, r_dtype):
     assert {k.fn.__name__ for k, *_ in rec.launches} == {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"}
 
 
+@pytest.mark.parametrize("op", ["rope", "qk_norm_rope"])
 @pytest.mark.parametrize("B,T,Hq,Hkv,D,offset,strided", [(2, 5, 4, 2, 16, 0, False), (1, 3, 8, 2, 10, 4, False),
-                                                         (3, 4, 2, 2, 8, 0, True)])
-def test_rope_traffic(B, T, Hq, Hkv, D, offset, strided):
+                                                         (1, 2, 6, 3, 24, 1, False), (3, 4, 2, 2, 8, 0, True)])
+def test_rope_traffic(op, B, T, Hq, Hkv, D, offset, strided):
     cos, sin = rope_tables(D, offset + T + 3)
     if strided:  # q, k as views of one projection, as a fused qkv layout would give
         qk = _leaf((B, T, Hq + Hkv, D), torch.bfloat16, 3)
@@ -153,8 +154,13 @@ def test_rope_traffic(B, T, Hq, Hkv, D, offset, strided):
     else:
         q, k = _leaf((B, T, Hq, D), torch.bfloat16, 3), _leaf((B, T, Hkv, D), torch.float32, 4)
     with Recorder().active() as rec:
-        _grads_of(rope.rope(q, k, cos, sin, offset))
+        if op == "rope":
+            _grads_of(rope.rope(q, k, cos, sin, offset))
+        else:  # the norm weights in two dtypes
+            qw, kw = _leaf((D,), torch.float32, 5), _leaf((D,), torch.bfloat16, 6)
+            _grads_of(qk_norm_rope.qk_norm_rope(q, k, qw, kw, cos, sin, offset))
     check_traffic(rec)
+    assert len(rec.launches) == 2
 
 
 @pytest.mark.parametrize("n,dtype", [(10, torch.float32), (5000, torch.bfloat16)])

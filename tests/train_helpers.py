@@ -39,10 +39,14 @@ def minimind2_loss_mask(ids, tok):
     return mask
 
 
-def tiny_flags(out_dir, data_path, *, steps=4, batch_size=4, seq=64, kernels="torch", extra=()):
-    """argv for a hidden-64, 2-layer model trained `steps` optimizer steps in fp32 on the CPU."""
+def tiny_flags(out_dir, data_path, *, steps=4, batch_size=4, seq=64, kernels="torch", extra=(), preset=None):
+    """argv for a hidden-64, 2-layer model trained `steps` optimizer steps in fp32 on the CPU. preset minimind3 or
+    minimind3-moe: that structure (q/k norm, 8 q / 4 kv heads, top-1 MoE without shared expert) with heads of 24,
+    which is not hidden / heads."""
+    heads = (["--preset", preset, "--head_dim", "24"] if preset else
+             ["--num_attention_heads", "4", "--num_key_value_heads", "2"])
     return ["--data_path", str(data_path), "--out_dir", str(out_dir), "--hidden_size", "64",
-            "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads", "2",
+            "--num_hidden_layers", "2", *heads,
             "--max_seq_len", str(seq), "--batch_size", str(batch_size), "--accumulation_steps", "1",
             "--max_steps", str(steps), "--log_interval", "1", "--save_interval", "1000", "--dtype", "fp32",
             "--device", "cpu", "--kernels", kernels, "--learning_rate", "3e-3", "--warmup_iters", "0",

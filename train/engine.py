@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from kernels import get_backend
-from minimind.config import PRESETS, MiniMindConfig
+from minimind.config import AUX_LOSS_SCOPES, PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.weights import config_path, model_card
 from train import distributed
@@ -159,10 +159,25 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     g.add_argument("--out_dir", default="out",
                    help="where weights, their .json cards, resume state and the metrics log go (default %(default)s)")
     o = p.add_argument_group("ours")
-    o.add_argument("--preset", default=None, choices=sorted(PRESETS), help="small | base | moe")
+    o.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="MiniMind2: small | base | moe; minimind-3: minimind3 | minimind3-moe "
+                        "(python -m minimind.model lists them)")
     o.add_argument("--num_attention_heads", type=int, default=None, help="query heads (default 8, or the --preset's)")
     o.add_argument("--num_key_value_heads", type=int, default=None,
                    help="key/value heads of grouped-query attention (default 2, or the --preset's)")
+    o.add_argument("--head_dim", type=int, default=None, help="default hidden_size / num_attention_heads")
+    o.add_argument("--qk_norm", type=_flag_bool, default=None, help="0 or 1: RMSNorm of q and k before RoPE "
+                   "(minimind-3; default the --preset's, else 0)")
+    o.add_argument("--intermediate_size", type=int, default=None, help="MLP (and expert) width; default the "
+                   "preset's rule: MiniMind2 64*ceil(int(8*hidden/3)/64), minimind-3 64*ceil(hidden*pi/64)")
+    o.add_argument("--rms_norm_eps", type=float, default=None, help="default 1e-5 (minimind-3: 1e-6)")
+    o.add_argument("--n_routed_experts", type=int, default=None, help="MoE: routed experts (default 4)")
+    o.add_argument("--n_shared_experts", type=int, default=None, help="MoE: shared experts (MiniMind2 1, minimind-3 0)")
+    o.add_argument("--num_experts_per_tok", type=int, default=None, help="MoE top-k (MiniMind2 2, minimind-3 1)")
+    o.add_argument("--aux_loss_alpha", type=float, default=None,
+                   help="MoE load-balancing loss weight (MiniMind2 0.1, minimind-3 5e-4)")
+    o.add_argument("--aux_loss_scope", default=None, choices=AUX_LOSS_SCOPES,
+                   help="MoE aux loss per sequence (MiniMind2) or over the batch (minimind-3)")
     o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
                    help="op backend (default triton on CUDA, torch on CPU)")
     o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"),
@@ -197,10 +212,15 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     return p
 
 
+MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "qk_norm", "intermediate_size", "rms_norm_eps", "n_routed_experts", "n_shared_experts",
+               "num_experts_per_tok", "aux_loss_alpha", "aux_loss_scope")
+
+
 def config_from_args(args, vocab_size: int) -> MiniMindConfig:
     """--preset first, then any explicit model flag on top of it."""
     base = dict(PRESETS[args.preset]) if args.preset else {}
-    for name in ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads"):
+    for name in MODEL_FLAGS:
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     try:
@@ -232,11 +252,12 @@ def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig, flag="--
 
 
 def _shape_of_state(sd):
-    """(vocab, hidden, layers, moe) read off a MiniMind2 state dict."""
+    """(vocab, hidden, layers, moe, q/k norm) read off a MiniMind state dict."""
     emb = sd.get("model.embed_tokens.weight", sd.get("lm_head.weight"))
     layers = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
     moe = any(".mlp.experts." in k or ".mlp.w_gate" in k for k in sd)
-    return (None if emb is None else tuple(emb.shape)), len(layers), moe
+    qk_norm = any(".self_attn.q_norm." in k for k in sd)
+    return (None if emb is None else tuple(emb.shape)), len(layers), moe, qk_norm
 
 
 def load_weights(model: nn.Module, source, name: str = "weights"):
@@ -254,7 +275,7 @@ def load_weights(model: nn.Module, source, name: str = "weights"):
             sd = sd["model"]  # a resume checkpoint
     cfg = getattr(model, "config", None)
     if cfg is not None and isinstance(model, MiniMindForCausalLM):
-        emb, layers, moe = _shape_of_state(sd)
+        emb, layers, moe, qk_norm = _shape_of_state(sd)
         problems = []
         if emb is not None and emb[1] != cfg.hidden_size:
             problems.append(f"hidden_size {emb[1]} (model has --hidden_size {cfg.hidden_size})")
@@ -264,6 +285,9 @@ def load_weights(model: nn.Module, source, name: str = "weights"):
             problems.append(f"{layers} layers (model has --num_hidden_layers {cfg.num_hidden_layers})")
         if moe != cfg.use_moe:
             problems.append(f"use_moe {int(moe)} (model has --use_moe {int(cfg.use_moe)})")
+        if qk_norm != cfg.qk_norm:
+            problems.append(f"qk_norm {int(qk_norm)}, {'minimind-3' if qk_norm else 'MiniMind2'}'s q/k path "
+                            f"(model has --qk_norm {int(cfg.qk_norm)}; --preset minimind3 / minimind3-moe have it)")
         if problems:
             raise ConfigError(f"{name} does not fit the model: it has " + ", ".join(problems))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

@@ -105,7 +105,10 @@ fi
 
 # 7. the pytest-benchmark versions (each op forward + backward, a training step per preset and variant)
 if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-  part benchmarks "$BENCHMARK_LIMIT" "$PY" -m pytest "${BENCHMARK_ARGS[@]}" --benchmark-only \
+  # (without xdist's worker variables: pytest-benchmark turns itself off when it sees them, e.g. when this script
+  # runs inside the test suite's xdist workers)
+  part benchmarks "$BENCHMARK_LIMIT" env -u PYTEST_XDIST_WORKER -u PYTEST_XDIST_WORKER_COUNT \
+    "$PY" -m pytest "${BENCHMARK_ARGS[@]}" --benchmark-only \
     --benchmark-json="$OUT/benchmarks.json" -q -p no:cacheprovider
   [ -s "$OUT/benchmarks.json" ] || rm -f "$OUT/benchmarks.json"  # created empty at the start: killed before the end
 else

@@ -14,8 +14,8 @@ max_len ("length"). The running rows stay packed at the front of the cache, so a
 samples as it would alone: same prompt and seed, same tokens, whatever runs beside it.
 
 One decision per row (`sample`): logits -> repetition penalty -> / temperature -> top_k -> top_p -> a draw with the
-row's generator (the exponential race argmax(p / E), E ~ Exp(1) per token, as torch.multinomial draws one sample),
-or the argmax when greedy. Each token comes with the policy's log-prob at temperature 1, log_softmax(logits)[token]
+row's generator (one uniform u per token: the first token whose cumulative probability exceeds u), or the argmax
+when greedy. Each token comes with the policy's log-prob at temperature 1, log_softmax(logits)[token]
 of the raw logits, from the same forward: the "old" log-probs of RL, with no second pass.
 
 On the engine:
@@ -71,21 +71,34 @@ def apply_repetition_penalty(logits, seen, penalty):
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def filter_logits(logits, top_k=0, top_p=1.0):
+def filter_logits(logits, top_k=0, top_p=1.0, candidates=64):
     """Set to -inf every logit outside the top_k (ties with the k-th kept) and then outside the nucleus: the smallest
     set of highest probabilities whose sum reaches top_p (the most likely token always stays). logits (B, V) float;
-    top_k, top_p: numbers for every row, or (B,) tensors, one per row (top_k 0 and top_p 1 = off)."""
+    top_k, top_p: numbers for every row, or (B,) tensors, one per row (top_k 0 and top_p 1 = off).
+    The set is looked for among each row's `candidates` highest logits (a topk, not a sort of the vocabulary); when
+    some row's set does not close there, among all of them."""
     B, V = logits.shape
     k = torch.as_tensor(top_k, device=logits.device).expand(B)
-    p = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(B)[:, None]
+    p = torch.as_tensor(top_p, dtype=torch.float32, device=logits.device).expand(B)
     k = torch.where((k > 0) & (k < V), k, V)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    drop = sorted_logits < sorted_logits.gather(1, (k - 1)[:, None])
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass of the tokens ranked above each one
-    drop |= (before >= p) & (p < 1)  # the set is already complete without this token
-    drop[:, 0] = False
-    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    unfiltered = (k == V) & (p >= 1)
+    n = min(V, max([candidates] + [2 * x for x in k[k < V].tolist()]))
+    while True:
+        vals, order = logits.topk(n, dim=-1) if n < V else logits.sort(dim=-1, descending=True)
+        kth = torch.where(k <= n, vals.gather(1, (k.clamp(max=n) - 1)[:, None]).squeeze(1), float("-inf"))[:, None]
+        lse = logits.masked_fill(logits < kth, float("-inf")).logsumexp(dim=-1, keepdim=True)
+        probs = (vals - lse).exp().masked_fill(vals < kth, 0.0)
+        mass = probs.cumsum(dim=-1)
+        drop = (vals < kth) | ((mass - probs >= p[:, None]) & (p[:, None] < 1))  # complete without this token
+        drop[:, 0] = False
+        # a row's set is inside the candidates when its nucleus closes there, or when its top_k does and no tie
+        # with the k-th logit is left outside
+        inside = ((p < 1) & (mass[:, -1] >= p)) | ((k <= n) & (vals[:, -1] < kth[:, 0])) | unfiltered
+        if n == V or bool(inside.all()):
+            break
+        n = V  # some row's nucleus reaches past the candidates
+    out = torch.full_like(logits, float("-inf")).scatter(1, order, vals.masked_fill(drop, float("-inf")))
+    return torch.where(unfiltered[:, None], logits, out)
 
 
 class BatchSampling:
@@ -117,12 +130,14 @@ def sample(logits, settings: BatchSampling, seen=None):
         x = x / settings.temperature[:, None]
         if settings.filtered:
             x = filter_logits(x, settings.top_k, settings.top_p)
-        race = torch.ones_like(x)
-        for row, g in zip(race, settings.generators):
-            if g is not None:
-                row.exponential_(generator=g)
-        # a draw of exactly 0 would make 0 / 0 = NaN win the argmax; below 1e-20 the race is decided anyway
-        tokens = (x.softmax(dim=-1) / race.clamp_(min=1e-20)).argmax(dim=-1)
+        cdf = x.softmax(dim=-1).cumsum(dim=-1)
+        total = cdf[:, -1:]
+        u = torch.stack([torch.rand((), generator=g, device=x.device) if g is not None else x.new_zeros(())
+                         for g in settings.generators])[:, None]
+        # the first token whose cumulative probability exceeds u * total (u < 1, and kept below total in float,
+        # so a token of probability 0 is never the one)
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
         if settings.any_greedy:
             tokens = torch.where(settings.greedy, x.argmax(dim=-1), tokens)
     logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - raw.logsumexp(dim=-1)

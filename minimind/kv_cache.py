@@ -96,9 +96,13 @@ class KVCache:
         self.k[i].index_put_(self._index, k[:, 0].to(dtype))
         self.v[i].index_put_(self._index, v[:, 0].to(dtype))
         keys, values = self.k[i, rows, :self._span], self.v[i, rows, :self._span]  # views, no copy
-        out = F.scaled_dot_product_attention(q.to(dtype).transpose(1, 2), keys.transpose(1, 2),
-                                             values.transpose(1, 2), attn_mask=self._mask, enable_gqa=self.gqa)
-        return out.transpose(1, 2).to(q.dtype)
+        # one query per row: the query heads sharing a key/value head (heads j*G .. j*G+G-1 share j) stand in for
+        # G query positions of that head, so GQA needs no repeated keys and any SDPA backend takes the mask
+        n, _, Hq, D = q.shape
+        Hkv = keys.shape[2]
+        out = F.scaled_dot_product_attention(q.to(dtype).reshape(n, Hkv, Hq // Hkv, D), keys.transpose(1, 2),
+                                             values.transpose(1, 2), attn_mask=self._mask)
+        return out.reshape(n, 1, Hq, D).to(q.dtype)
 
 
 class _Layer:

@@ -232,7 +232,7 @@ class MiniMindModel(nn.Module):
         cos, sin = self.rope_cos, self.rope_sin
         if cache is not None:
             positions = cache.positions_for(input_ids.shape)
-            cos, sin = cos[positions], sin[positions]
+            cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
         h, delta = self.embed_tokens(input_ids), None
         aux = torch.zeros((), device=input_ids.device)
         for i, layer in enumerate(self.layers):

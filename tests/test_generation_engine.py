@@ -89,25 +89,28 @@ def test_rows_of_different_lengths_give_what_each_gives_alone():
 
 
 def test_a_row_joining_mid_decode_gives_what_it_gives_alone():
+    """Rows join between steps (into a free row, or after waiting for one) and leave when they finish; a running
+    row moved into a finished one's place (its keys, values and seen tokens) goes on as if alone."""
     model = peaked_model(5)
+    short = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_token_id=None)
+    no_repeats = SamplingConfig(max_new_tokens=10, temperature=0.0, repetition_penalty=1e6, eos_token_id=None)
+    plan = {"a": (0, HOT, 1), "b": (1, short, 2), "c": (2, no_repeats, 3), "d": (3, HOT, 4)}
     engine = Engine(model, max_batch=3, max_len=64)
-    requests = {engine.add(PROMPTS[0], HOT, 1): "a", engine.add(PROMPTS[1], GREEDY, 2): "b"}
-    out = {"a": ([], [], None), "b": ([], [], None), "c": ([], [], None)}
+    requests, out = {}, {name: ([], [], None) for name in plan}
     for step in range(8):
-        if step == 3:  # c arrives while a and b are decoding, into the free third row
-            requests[engine.add(PROMPTS[2], HOT, 3)] = "c"
-        if step == 5:  # d waits: every row is taken until one finishes
-            requests[engine.add(PROMPTS[3], GREEDY, 4)] = "d"
-            out["d"] = ([], [], None)
+        for name in ("ab" if step == 0 else "cd" if step == 3 else ""):
+            p, cfg, seed = plan[name]  # c takes the free third row; d waits until b finishes (at step 4)
+            requests[engine.add(PROMPTS[p], cfg, seed)] = name
         for ev in engine.step():
             t, lp, _ = out[requests[ev.request]]
             out[requests[ev.request]] = (t + [ev.token], lp + [ev.logprob], ev.finish_reason)
-    assert len(out["c"][0]) == 5 and out["d"][0] == []  # one token per step; d still waiting
-    assert engine.waiting and len(engine.rows) == 3
+    # one token per step; b left at step 4, c moved into its row and d took c's
+    assert [len(out[name][0]) for name in "abcd"] == [8, 5, 5, 4] and out["b"][2] == "length"
+    assert [engine.rows[b].handle for b in range(3)] == [1, 3, 4] and not engine.waiting
     rest = run(engine, requests)
-    for name in "abcd":
+    for name in "acd":
         out[name] = tuple(x + y for x, y in zip(out[name][:2], rest[name][:2])) + (rest[name][2],)
-    for name, p, cfg, seed in (("a", 0, HOT, 1), ("b", 1, GREEDY, 2), ("c", 2, HOT, 3), ("d", 3, GREEDY, 4)):
+    for name, (p, cfg, seed) in plan.items():
         assert_same_run(out[name], alone(model, PROMPTS[p], cfg, seed))
     assert not engine.busy and engine.step() == []
 
@@ -165,6 +168,21 @@ def test_filter_and_sample_per_row():
     assert len(set(tokens[:, 3].tolist())) > 10  # hot and unfiltered
     want = torch.log_softmax(many, dim=-1).gather(1, tokens.view(-1, 1)).squeeze(1)
     torch.testing.assert_close(logprobs, want)
+
+
+def test_filter_among_candidates_equals_the_full_sort():
+    """filter_logits looks for each row's set among its top candidates, falling back to the whole vocabulary: the
+    same result as sorting it all, for peaked and flat rows, and with ties at the k-th logit (bf16-rounded logits)."""
+    g = torch.Generator().manual_seed(0)
+    for scale, dtype in ((8.0, torch.float32), (0.5, torch.float32), (3.0, torch.bfloat16)):
+        logits = (torch.randn(64, 500, generator=g) * scale).to(dtype).float()
+        top_k = torch.randint(0, 12, (64,), generator=g) * (torch.rand(64, generator=g) < 0.6)
+        top_p = torch.where(torch.rand(64, generator=g) < 0.7, torch.rand(64, generator=g), torch.ones(64))
+        assert torch.equal(filter_logits(logits, top_k, top_p, candidates=4),
+                           filter_logits(logits, top_k, top_p, candidates=500))
+        for b in range(64):  # each row as alone
+            assert torch.equal(filter_logits(logits, top_k, top_p)[b],
+                               filter_logits(logits[b:b + 1], int(top_k[b]), float(top_p[b]))[0])
 
 
 def test_eos_and_the_completion_mask():

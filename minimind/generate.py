@@ -140,7 +140,7 @@ def sample(logits, settings: BatchSampling, seen=None):
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
         if settings.any_greedy:
             tokens = torch.where(settings.greedy, x.argmax(dim=-1), tokens)
-    logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
+    logprobs = raw.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
 
 

@@ -37,7 +37,7 @@ class KVCache:
         self.max_batch, self.max_len, self.device = max_batch, max_len, torch.device(device)
         self.gqa = config.num_key_value_heads != config.num_attention_heads
         self.lengths = [0] * max_batch
-        self._layers = [_Layer(self, i) for i in range(config.num_hidden_layers)]
+        self._layers = [_Layer(self, k, v) for k, v in zip(self.k, self.v)]
         self._mode, self._shape = None, None
 
     def prefill(self, start: int, lengths):
@@ -58,10 +58,9 @@ class KVCache:
                              f"(max_batch {self.max_batch}, max_len {self.max_len})")
         self._mode, self._rows, self._shape = "decode", slice(0, n), (n, 1)
         self.positions = torch.tensor(pos, device=self.device)
-        self._index = (torch.arange(n, device=self.device), self.positions)
-        span = max(pos) + 1
-        self._mask = (torch.arange(span, device=self.device) <= self.positions[:, None])[:, None, None, :]
-        self._span = span
+        self._slots = torch.tensor([b * self.max_len + p for b, p in enumerate(pos)], device=self.device)
+        self._span = max(pos) + 1
+        self._mask = (torch.arange(self._span, device=self.device) <= self.positions[:, None])[:, None, None, :]
         self.lengths[:n] = [p + 1 for p in pos]
 
     def positions_for(self, shape):
@@ -80,37 +79,37 @@ class KVCache:
         self.lengths[dst] = n
 
     def layer(self, i: int):
+        """Layer i's part of the cache: what its Attention calls."""
         return self._layers[i]
-
-    def attend(self, i: int, q, k, v):
-        """Layer i: store k, v (B, T, Hkv, D) for this forward's tokens and attend q (B, T, Hq, D) over its rows.
-        Returns (B, T, Hq, D) in q's dtype."""
-        rows, dtype = self._rows, self.k.dtype
-        if self._mode == "prefill":
-            T = q.shape[1]
-            self.k[i, rows, :T] = k
-            self.v[i, rows, :T] = v
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=self.gqa)
-            return out.transpose(1, 2)
-        self.k[i].index_put_(self._index, k[:, 0].to(dtype))
-        self.v[i].index_put_(self._index, v[:, 0].to(dtype))
-        keys, values = self.k[i, rows, :self._span], self.v[i, rows, :self._span]  # views, no copy
-        # one query per row: the query heads sharing a key/value head (heads j*G .. j*G+G-1 share j) stand in for
-        # G query positions of that head, so GQA needs no repeated keys and any SDPA backend takes the mask
-        n, _, Hq, D = q.shape
-        Hkv = keys.shape[2]
-        out = F.scaled_dot_product_attention(q.to(dtype).reshape(n, Hkv, Hq // Hkv, D), keys.transpose(1, 2),
-                                             values.transpose(1, 2), attn_mask=self._mask)
-        return out.reshape(n, 1, Hq, D).to(q.dtype)
 
 
 class _Layer:
-    """One layer's view of the cache: what Attention calls."""
-    __slots__ = ("cache", "index")
+    """One layer's keys and values (max_batch, max_len, Hkv, D), views of the cache's buffers."""
+    __slots__ = ("cache", "k", "v")
 
-    def __init__(self, cache, index):
-        self.cache, self.index = cache, index
+    def __init__(self, cache, k, v):
+        self.cache, self.k, self.v = cache, k, v
 
+    @torch.compiler.disable  # (compiled blocks: its step-dependent slicing would recompile every step)
     def attend(self, q, k, v):
-        return self.cache.attend(self.index, q, k, v)
+        """Store k, v (B, T, Hkv, D) for this forward's tokens and attend q (B, T, Hq, D) over their rows.
+        Returns (B, T, Hq, D) in q's dtype."""
+        cache, dtype = self.cache, self.k.dtype
+        if cache._mode == "prefill":
+            T = q.shape[1]
+            self.k[cache._rows, :T] = k
+            self.v[cache._rows, :T] = v
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=cache.gqa)
+            return out.transpose(1, 2)
+        (n, _, Hq, D), Hkv, out_dtype = q.shape, k.shape[2], q.dtype
+        if q.dtype != dtype:  # (a model run under autocast)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        self.k.view(-1, Hkv, D).index_copy_(0, cache._slots, k.reshape(n, Hkv, D))
+        self.v.view(-1, Hkv, D).index_copy_(0, cache._slots, v.reshape(n, Hkv, D))
+        keys, values = self.k[:n, :cache._span], self.v[:n, :cache._span]  # views, no copy
+        # one query per row: the query heads sharing a key/value head (heads j*G .. j*G+G-1 share j) stand in for
+        # G query positions of that head, so GQA needs no repeated keys and any SDPA backend takes the mask
+        out = F.scaled_dot_product_attention(q.reshape(n, Hkv, Hq // Hkv, D), keys.transpose(1, 2),
+                                             values.transpose(1, 2), attn_mask=cache._mask)
+        return out.view(n, 1, Hq, D).to(out_dtype)

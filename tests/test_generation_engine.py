@@ -17,6 +17,19 @@ HOT = SamplingConfig(max_new_tokens=10, temperature=0.9, top_p=0.95, eos_token_i
 PROMPTS = [[5, 9, 14, 3, 77, 41, 8], [12, 60], [33, 2, 90, 18], [7]]
 
 
+def peaked(seed, use_moe):
+    """peaked_model, dense or MoE (its router and experts too get the larger weights)."""
+    if not use_moe:
+        return peaked_model(seed)
+    torch.manual_seed(seed)
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=97, max_position_embeddings=64, use_moe=True)
+    model = MiniMindForCausalLM(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    return model
+
+
 def run(engine, requests):
     """Step the engine until idle; requests {handle: name}. Returns {name: (tokens, logprobs, finish_reason)}."""
     out = {name: ([], [], None) for name in requests.values()}
@@ -41,14 +54,7 @@ def assert_same_run(got, want):
 def test_logprobs_equal_a_recomputation_on_the_full_sequences(use_moe):
     """The log-prob of each sampled token, from the sampling pass, equals model.token_logprobs (ops.linear_logprobs)
     on prompt + completion: temperature 1, raw logits, whatever the sampling settings."""
-    model = peaked_model(7)
-    if use_moe:
-        torch.manual_seed(7)
-        cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             vocab_size=97, max_position_embeddings=64, use_moe=True, n_routed_experts=4)
-        model = MiniMindForCausalLM(cfg).eval()
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.15)
+    model = peaked(7, use_moe)
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.3,
                          eos_token_id=None)
     r = rollout(model, PROMPTS, num_generations=3, cfg=cfg, generator=torch.Generator().manual_seed(0))
@@ -258,10 +264,11 @@ def test_context_and_max_len():
         rollout(model, [[3], [4], [5]], cfg=cfg, seeds=[1, 2])
 
 
-def test_triton_kernels_give_the_same_rollout():
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_triton_kernels_give_the_same_rollout(use_moe):
     """kernels='triton' (RoPE on per-token cos/sin rows, under the interpreter on a CPU) against torch."""
     pytest.importorskip("triton")
-    model = peaked_model(12)
+    model = peaked(12, use_moe)
     tri = MiniMindForCausalLM(model.config, kernels="triton").eval()
     tri.load_state_dict(model.state_dict())
     cfg = SamplingConfig(max_new_tokens=4, temperature=0.8, eos_token_id=None)

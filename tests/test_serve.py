@@ -196,7 +196,7 @@ def test_a_conversation_longer_than_the_context_is_a_400_and_a_model_failure_a_5
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
-    model.forward = broken
+    model.model.forward = broken  # the transformer body, which generation runs (it applies lm_head itself)
     try:
         status, _, text = post(url, {"messages": QUESTION})
         assert status == 500 and "out of memory (simulated)" in json.loads(text)["error"]["message"]

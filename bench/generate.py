@@ -9,8 +9,10 @@ that has it (run as a file, it imports whichever `minimind` comes first on the p
 tokens/s = batch * (new_tokens - 1) / (time of new_tokens steps - time of 1 step): the prefill and the first token
 cancel out. Random weights (the final norm scaled so the logits' std is about 4: next-token distributions as peaked
 as a trained model's, which matters to top_p), random prompts of --prompt_len tokens (every row the same length),
-no eos, so every row decodes every step. Best of --repeats runs (on a shared machine, the least disturbed one). Models: `tiny` (hidden 64, 2 layers, vocab 6400) and the MiniMind2
-presets (`small` 26M, `base`, `moe`), fp32 on the CPU and bf16 on a GPU.
+no eos, so every row decodes every step. Best of --repeats runs (on a shared machine, the least disturbed one);
+`--clock cpu` times this process's CPU time instead of the wall clock, steadier on a CPU shared with other jobs.
+Models: `tiny` (hidden 64, 2 layers, vocab 6400) and the MiniMind2 presets (`small` 26M, `base`, `moe`), fp32 on the
+CPU and bf16 on a GPU.
 """
 import argparse
 import json
@@ -30,6 +32,7 @@ from minimind.generate import generate  # noqa: E402
 from minimind.model import MiniMindForCausalLM  # noqa: E402
 
 LOGIT_STD = 4.0
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.85, top_p=0.85)}
 
 
@@ -46,24 +49,26 @@ def model_for(name, device):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def timed(model, ids, new_tokens, mode, device):
+def timed(model, ids, new_tokens, mode, device, clock):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     out = generate(model, ids, max_new_tokens=new_tokens, eos_token_id=None, generator=torch.Generator(device)
                    .manual_seed(0), **MODES[mode])
     if device.type == "cuda":
         torch.cuda.synchronize()
     assert out.shape == (ids.shape[0], new_tokens)
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def measure(model, batch, args, mode, device):
     ids = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), device=device)
-    timed(model, ids, 4, mode, device)  # warm-up
+    clock = CLOCKS[args.clock]
+    timed(model, ids, 4, mode, device, clock)  # warm-up
     runs = []
     for _ in range(args.repeats):
-        runs.append((timed(model, ids, args.new_tokens, mode, device), timed(model, ids, 1, mode, device)))
+        runs.append((timed(model, ids, args.new_tokens, mode, device, clock),
+                     timed(model, ids, 1, mode, device, clock)))
     full, first = min(r[0] for r in runs), min(r[1] for r in runs)  # the least disturbed run
     return {"decode_tokens_per_s": batch * (args.new_tokens - 1) / max(full - first, 1e-9),
             "first_token_s": first, "total_s": full}
@@ -93,13 +98,16 @@ def main(argv=None):
                    help="CPU threads (1: steady numbers on a shared machine; more spinning workers than free cores "
                         "make PyTorch many times slower)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="cpu: this process's CPU time, steadier than wall time on a CPU shared with other jobs "
+                        "(with --threads 1; meaningless on a GPU)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = source()
-    print(f"measuring {where} on {device} ({args.threads} thread(s)); prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new, best of {args.repeats}")
+    print(f"measuring {where} on {device} ({args.threads} thread(s), {args.clock} clock); prompt "
+          f"{args.prompt_len} tokens, {args.new_tokens} new, best of {args.repeats}")
     print(f"{'model':6s} {'mode':8s} {'batch':>5s} {'decode tok/s':>13s} {'first token s':>14s}")
     results = []
     for preset in args.preset:
@@ -113,7 +121,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"source": where, "device": str(device), "threads": args.threads, **{
-                k: getattr(args, k) for k in ("prompt_len", "new_tokens", "repeats")}, "results": results}, f, indent=1)
+                k: getattr(args, k) for k in ("clock", "prompt_len", "new_tokens", "repeats")}, "results": results},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

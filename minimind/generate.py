@@ -165,7 +165,8 @@ class _Request:
 class Engine:
     """Batched generation on a KV cache of max_batch rows of max_len tokens (default: the model's context), where
     requests join and leave between steps. use_cache=False recomputes every sequence in full at each step (the
-    reference path). dtype: the cache's (default the model's parameters')."""
+    reference path). dtype: the cache's (default the model's parameters'). The model should be in eval mode
+    (rollout and stream switch it there and back)."""
 
     def __init__(self, model, max_batch: int = 1, max_len: Optional[int] = None, use_cache: bool = True,
                  dtype: Optional[torch.dtype] = None):
@@ -195,7 +196,7 @@ class Engine:
         """Queue a request: prompt (token ids), its sampling settings, and a seed for its draws (None: one drawn
         from torch's global generator). Returns its handle; it starts at the first step with a free row."""
         cfg = cfg or SamplingConfig()
-        prompt = [int(t) for t in prompt]
+        prompt = prompt.tolist() if torch.is_tensor(prompt) else [int(t) for t in prompt]
         vocab, context = self.model.config.vocab_size, self.model.config.max_position_embeddings
         if not prompt:
             raise ValueError("a prompt needs at least one token")
@@ -414,10 +415,10 @@ def stream(model, input_ids, attention_mask=None, cfg: Optional[SamplingConfig] 
             row_of[engine.add(p, cfg, seed)] = b
     with _eval_mode(model):
         while engine.busy:
-            tok = torch.full((B,), cfg.pad_token_id, dtype=torch.long)
+            tok = [cfg.pad_token_id] * B
             for ev in engine.step():
                 tok[row_of[ev.request]] = ev.token
-            yield tok.to(input_ids.device)
+            yield torch.tensor(tok, device=input_ids.device)
 
 
 def generate(model, input_ids, attention_mask=None, cfg: Optional[SamplingConfig] = None, generator=None, **kw):

@@ -12,7 +12,7 @@ A forward on the cache, `model.model(input_ids, cache=cache)`, runs in the mode 
                              as its row grows); row b's length becomes lengths[b].
     decode(n)                rows 0 .. n-1 take one token each, at position lengths[b]. Its key and value go to slot
                              lengths[b]; attention reads slots [0, max length + 1) as views of the buffers, with a
-                             boolean key mask slot <= lengths[b]; every length grows by one.
+                             key mask slot <= lengths[b]; every length grows by one.
 
 The model asks `positions_for(input_ids.shape)` for each token's rotary position (B * T,), once per forward, and
 `layer(i).attend(q, k, v)` for attention.
@@ -60,7 +60,10 @@ class KVCache:
         self.positions = torch.tensor(pos, device=self.device)
         self._slots = torch.tensor([b * self.max_len + p for b, p in enumerate(pos)], device=self.device)
         self._span = max(pos) + 1
-        self._mask = (torch.arange(self._span, device=self.device) <= self.positions[:, None])[:, None, None, :]
+        seen = torch.arange(self._span, device=self.device) <= self.positions[:, None]
+        # additive (0 / -inf) rather than boolean: SDPA would convert a boolean mask in every layer
+        self._mask = torch.zeros(seen.shape, dtype=self.k.dtype, device=self.device).masked_fill_(
+            ~seen, float("-inf"))[:, None, None, :]
         self.lengths[:n] = [p + 1 for p in pos]
 
     def positions_for(self, shape):

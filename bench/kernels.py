@@ -568,15 +568,15 @@ def compact(doc):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Kernel microbenchmarks at MiniMind2 shapes (GPU; --cpu-smoke for a "
                                             "tiny CPU run of the harness).")
-    p.add_argument("--op", default="all", choices=OPS + ("all",))
+    p.add_argument("--op", default="all", choices=OPS + ("all",), help="one op, or all (default)")
     p.add_argument("--variants", nargs="*", default=None, help=f"subset of {VARIANTS} (default: all that apply)")
     p.add_argument("--out", default=None, help="folder for kernels.json and kernels.md")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (fp32), labelled CPU")
     p.add_argument("--budget_s", type=float, default=None,
                    help="start no new measurement after this many seconds (no torch_compile one with less than "
                         f"{COMPILE_SECONDS_NEEDED} s of it left)")
-    p.add_argument("--warmup_ms", type=float, default=25)
-    p.add_argument("--rep_ms", type=float, default=100)
+    p.add_argument("--warmup_ms", type=float, default=25, help="warm-up time per measurement (default %(default)s)")
+    p.add_argument("--rep_ms", type=float, default=100, help="timed time per measurement (default %(default)s)")
     args = p.parse_args(argv)
     if args.variants:
         bad = [v for v in args.variants if v not in VARIANTS]

@@ -279,7 +279,7 @@ def compact(doc):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Time one training step of the engine per preset and variant.")
-    p.add_argument("--preset", default="all", choices=sorted(PRESETS) + ["all"])
+    p.add_argument("--preset", default="all", choices=sorted(PRESETS) + ["all"], help="one preset, or all (default)")
     p.add_argument("--seq_len", type=int, nargs="+", default=None, help="default 512 (32 with --cpu-smoke)")
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"rows per step (default {DEFAULT_TOKENS_PER_STEP} tokens / seq_len: MiniMind2's 32 x 512)")
@@ -288,8 +288,8 @@ def main(argv=None):
     p.add_argument("--pad_fraction_from", default=None, metavar="PRETRAIN.jsonl",
                    help="take the padding share from this pretrain file, one document per row as MiniMind2 "
                         "pads it (counted through minimind.data); overrides --pad_fraction")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps (default %(default)s)")
     p.add_argument("--peak_tflops", type=float, default=None, help="override the device peak for MFU")
     p.add_argument("--budget_s", type=float, default=None, help="start no new measurement after this many seconds")
     p.add_argument("--out", default=None, help="folder for throughput.json and throughput.md")

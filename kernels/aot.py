@@ -69,7 +69,8 @@ def _rms_norm_cases():
     for H in HIDDEN:
         for xt, wt in DTYPES:
             # residual in x's dtype, or in fp32 (under autocast the residual stream is fp32, the sublayers' bf16);
-            # h and y come out in the promoted dtype ot, which also sets the block and warps
+            # h and y come out in the promoted dtype ot, which also sets the block and warps. The backward stores
+            # x's gradient in x's dtype and, where the residual's dtype differs, the residual's in that dtype
             for residual, rt in ((False, xt), (True, xt), (True, "fp32")):
                 ot = "fp32" if rt == "fp32" else xt
                 block, warps = m.rms_norm_config(H, BYTES[ot])
@@ -79,11 +80,13 @@ def _rms_norm_cases():
                                      "RSTD": "*fp32", "n_cols": "i32", "eps": "fp32"},
                               constexprs={"HAS_RESIDUAL": residual, "BLOCK": block}, num_warps=warps,
                               divisible_by_16=("n_cols",))
-                yield AOTCase(f"rms_norm_bwd[BLOCK={block},{ot}/{wt}{',dh' if residual else ''}]",
-                              m._rms_norm_bwd_kernel,
+                has_dr = rt != xt
+                yield AOTCase(f"rms_norm_bwd[BLOCK={block},{ot}/{wt}{',dh' if residual else ''}"
+                              f"{f',dx {xt},dr {rt}' if has_dr else ''}]", m._rms_norm_bwd_kernel,
                               types={"DY": f"*{ot}", "X": f"*{ot}", "W": f"*{wt}", "RSTD": "*fp32", "DH": f"*{ot}",
-                                     "DX": f"*{ot}", "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32"},
-                              constexprs={"HAS_DH": residual, "BLOCK": block}, num_warps=warps,
+                                     "DX": f"*{xt}", "DR": f"*{rt}", "DW_PARTIAL": "*fp32", "n_rows": "i32",
+                                     "n_cols": "i32"},
+                              constexprs={"HAS_DH": residual, "HAS_DR": has_dr, "BLOCK": block}, num_warps=warps,
                               divisible_by_16=("n_cols",))
 
 

@@ -37,6 +37,9 @@ def rope(q, k, cos, sin, offset=0):
     q (B, T, Hq, D), k (B, T, Hkv, D); cos, sin (>= offset + T, D) with each half repeated twice.
     Rows offset .. offset + T of cos/sin are used (offset = number of cached positions when decoding).
     """
+    if q.shape[-1] % 2 or k.shape[-1] % 2:
+        raise ValueError(f"kernels/reference.py: rope needs an even head dim, got {q.shape[-1]} (q), "
+                         f"{k.shape[-1]} (k)")
     T = q.shape[1]
     c = cos[offset:offset + T].float()[None, :, None, :]
     s = sin[offset:offset + T].float()[None, :, None, :]
@@ -71,6 +74,8 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, token_weight
     per-token loss l_i = w_i * (logsumexp(logits_i) - logits_i[labels_i] + z_loss * logsumexp(logits_i)^2),
     0 where labels_i == ignore_index. reduction: "none" -> (N,), "sum" -> sum l_i,
     "mean" -> sum l_i / sum w_i over non-ignored tokens (0 if there are none).
+    The token weight scales the z-loss term too (Liger's fused cross-entropy leaves its lse^2 term unweighted): a
+    token that counts double in the loss counts double in the logit-size penalty.
     """
     loss, valid = _token_losses(hidden, weight, labels, ignore_index, z_loss)
     w = valid.float() if token_weights is None else token_weights.float() * valid

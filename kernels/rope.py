@@ -113,3 +113,18 @@ def rope(q, k, cos, sin, offset=0):
     if offset < 0:
         raise ValueError(f"kernels/rope.py: offset must be >= 0, got {offset}")
     return RoPEFunction.apply(q, k, cos, sin, int(offset))
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once (so the cos / sin rows,
+    shared by the batch, count once). bench/launches.py uses it; tests/test_traffic.py checks it."""
+    if kernel != "_rope_kernel":
+        return None
+    tokens, head_dim = grid[0], 2 * args["half"]
+    positions = min(args["seq_len"], tokens)  # the rows offset .. offset + T - 1 of the tables
+    q = tokens * args["n_q_heads"] * head_dim * args["Q"].element_size()
+    k = tokens * args["n_kv_heads"] * head_dim * args["K"].element_size()
+    return {"Q": (q, 0), "K": (k, 0), "QO": (0, q), "KO": (0, k),
+            "COS": (positions * head_dim * args["COS"].element_size(), 0),
+            "SIN": (positions * head_dim * args["SIN"].element_size(), 0)}

@@ -99,7 +99,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", help="a weight file, or a stage prefix looked up in --out_dir")
     p.add_argument("--out", required=True, help="the folder to write")
-    p.add_argument("--out_dir", default="out")
+    p.add_argument("--out_dir", default="out", help="where a stage prefix is looked up (default %(default)s)")
     p.add_argument("--lora", default=None, help="a LoRA adapter file to merge in first")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default: the one the weights' .json card names, else the bundled one)")

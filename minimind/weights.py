@@ -17,7 +17,8 @@ Without it, `num_attention_heads` (8 in every MiniMind2 preset) and the MoE top-
 
     read_state_dict(path) -> dict                    a weight file, or the model inside a resume checkpoint
     config_from_state_dict(sd, num_attention_heads=8, num_experts_per_tok=2) -> MiniMindConfig
-    find_weights(name, out_dir="out") -> Path        a path, or a stage prefix: "full_sft" -> out/full_sft_*.pth
+    find_weights(name, out_dir="out") -> Path        a path, a file name ("reason_128"), or a stage prefix: "full_sft" ->
+                                                     out/full_sft_*.pth
     load_model(path, lora=None, ...) -> MiniMindForCausalLM in eval mode, a LoRA adapter merged in if given
     load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer   the one the card names (or tokenizer_dir, checked)
 """
@@ -140,19 +141,24 @@ def load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer:
 
 
 def find_weights(name: Union[str, Path], out_dir="out") -> Path:
-    """A path as given, or a stage prefix ("pretrain", "full_sft", "rlhf", "reason", ...) resolved to the single
-    {out_dir}/{prefix}_{hidden}[_moe].pth there is; several sizes need a path."""
+    """A path as given, a file name without .pth in out_dir ("reason_128"), or a stage prefix ("pretrain",
+    "full_sft", "rlhf", "reason", ...) resolved to the single {out_dir}/{prefix}_{hidden}[_moe].pth there is;
+    several sizes need a path or the file name."""
     path = Path(name)
     if path.suffix in (".pth", ".pt") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such weight file")
         return path
+    if (Path(out_dir) / f"{name}.pth").is_file():
+        return Path(out_dir) / f"{name}.pth"
     found = sorted(p for p in Path(out_dir).glob(f"{name}_*.pth")
                    if p.stem[len(str(name)) + 1:].removesuffix("_moe").isdigit())
     if not found:
-        raise FileNotFoundError(f"no {out_dir}/{name}_<hidden>.pth: train that stage first, or pass a file path")
+        raise FileNotFoundError(f"no {out_dir}/{name}_<hidden>.pth or {out_dir}/{name}.pth: train that stage first, "
+                                f"or pass a file path")
     if len(found) > 1:
-        raise ValueError(f"{name!r} matches {[str(p) for p in found]}; pass one of them as a path")
+        raise ValueError(f"{name!r} matches {[str(p) for p in found]}; pass one of them (its path, or its name without "
+                         f".pth)")
     return found[0]
 
 

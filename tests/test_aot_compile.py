@@ -35,6 +35,7 @@ def test_registry_covers_every_kernel_file_and_uses_the_wrappers_configs():
         block, _ = rms_norm.rms_norm_config(H, 2)
         assert f"rms_norm_fwd[BLOCK={block},bf16/fp32,residual fp32]" in names
         assert f"rms_norm_bwd[BLOCK={block},bf16/fp32,dh]" in names
+        assert f"rms_norm_bwd[BLOCK={block},fp32/fp32,dh,dx bf16,dr fp32]" in names  # autocast: fp32 stream
     for n_q, n_kv, D in aot.HEADS:
         bq, bkv, bh, _ = rope.rope_config(n_q, n_kv, D)
         assert f"rope_bwd[BLOCK_HQ={bq},BLOCK_HKV={bkv},BLOCK_HALF={bh},bf16]" in names

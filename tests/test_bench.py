@@ -2,6 +2,7 @@
 
 Nothing here asserts a speed: CPU numbers only prove that the harnesses run and write well-formed results.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -240,6 +241,10 @@ def test_gpu_suite_end_to_end_on_cpu(tmp_path):
     assert tp["results"][1]["speedup"] > 0
     cr = json.loads((out / "compile_report.json").read_text())
     assert cr["rows"] and not cr["failures"] and all(r["cc"] == 90 for r in cr["rows"])
+    if importlib.util.find_spec("pytest_benchmark"):  # the pytest-benchmark part (CPU loaders in the smoke run)
+        names = [b["name"] for b in json.loads((out / "benchmarks.json").read_text())["benchmarks"]]
+        assert sorted(names) == ["test_loader[pretrain-False]", "test_loader[pretrain-True]"]
+        assert "## pytest-benchmark" in summary and "loader_tokens_s" in summary
 
 
 def test_token_counts_and_padding_through_the_pipeline(tmp_path):
@@ -269,3 +274,22 @@ def test_summary_survives_missing_and_broken_parts(tmp_path):
     assert "| kernels | 124 (timed out) | 115 |" in text
     assert "## kernels: no result" in text and "## throughput: could not summarise" in text
     assert "1 PASSED, 1 FAILED" in text
+
+
+def test_data_bench_builds_a_given_files_cache_beside_it_once(tmp_path):
+    """bench.data --pretrain FILE: the parallel build is the cache training uses (FILE.tokcache), reused when it is
+    already there; the in-process build is timed on a copy of the file's first MBs, not on the whole file again."""
+    from bench import data as bench_data
+    from minimind.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    path = tmp_path / "pretrain.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(300)))
+    (tmp_path / "tmp").mkdir()
+    first = bench_data.bench_cache(tok, path, "pretrain", 2, tmp_path / "tmp", sample_mb=0.01)
+    second = bench_data.bench_cache(tok, path, "pretrain", 2, tmp_path / "tmp", sample_mb=0.01)
+    assert first["parallel"]["folder"].startswith(f"{path}.tokcache") and not first["parallel"]["reused"]
+    assert second["parallel"]["reused"] and second["parallel"]["cache_build_mb_s"] is None
+    assert second["parallel"]["folder"] == first["parallel"]["folder"]
+    head = first["in_process"]
+    assert head["folder"].startswith(str(tmp_path / "tmp")) and head["mb"] <= 0.01 < first["parallel"]["mb"]
+    assert head["cache_build_mb_s"] > 0 and head["workers"] == 0

@@ -84,6 +84,7 @@ def test_weight_files_are_found_by_prefix_and_bad_ones_named(tmp_path):
     save_fp16(tiny(), tmp_path / "full_sft_128.pth")
     with pytest.raises(ValueError, match="full_sft_128.pth"):
         find_weights("full_sft", tmp_path)
+    assert find_weights("full_sft_128", tmp_path) == tmp_path / "full_sft_128.pth"  # the file name picks one
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
         read_state_dict(tmp_path / "junk.pth")

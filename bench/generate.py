@@ -89,15 +89,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["tiny", "small"], help="tiny, small, base, moe")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--mode", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--prompt_len", type=int, default=128)
-    p.add_argument("--new_tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="rows generated together")
+    p.add_argument("--mode", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="greedy (temperature 0) or sampled (temperature 0.85, top_p 0.85)")
+    p.add_argument("--prompt_len", type=int, default=128, help="tokens in every prompt")
+    p.add_argument("--new_tokens", type=int, default=256, help="tokens generated per row")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best counts")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: steady numbers on a shared machine; more spinning workers than free cores "
                         "make PyTorch many times slower)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="cpu: this process's CPU time, steadier than wall time on a CPU shared with other jobs "
                         "(with --threads 1; meaningless on a GPU)")

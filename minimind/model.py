@@ -18,7 +18,7 @@ inside and converted to MiniMind's one-module-per-expert keys on save and load.
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -71,33 +71,34 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def position(self, q, k, cos, sin, offset):
-        """RoPE of q (B, T, Hq, D) and k (B, T, Hkv, D) at rows offset.. of cos/sin; q/k norm first if configured."""
+    def position(self, q, k, cos, sin):
+        """RoPE of q (B, T, Hq, D) and k (B, T, Hkv, D) with rows 0..T-1 of cos/sin; q/k norm first if configured."""
         if self.q_norm is None:
-            return self.ops.rope(q, k, cos, sin, offset)
-        return self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, offset, self.q_norm.eps)
+            return self.ops.rope(q, k, cos, sin, 0)
+        return self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, 0, self.q_norm.eps)
 
-    def forward(self, x, cos, sin, past=None, mask=None):
-        """x (B, T, H); past (k, v) each (B, T_past, Hkv, D) or None; mask (B, 1, T, T_past + T) bool or None
-        (None = plain causal). Returns (out (B, T, H), (k, v) including this step)."""
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        """x (B, T, H) at positions 0..T-1 with cos, sin the whole tables; mask (B, 1, T, T) bool or None (None =
+        plain causal). When generating, cache is one layer of a KVCache (minimind/kv_cache.py): each token has
+        its own position and cos, sin are its rows (B * T, D). Returns out (B, T, H)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        rows = (B, T) if cache is None else (1, B * T)  # rope works per "time" row: per-token positions as one row
+        q = self.q_proj(x).view(*rows, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*rows, self.n_kv, self.head_dim)
+        q, k = self.position(q, k, cos, sin)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        offset = 0 if past is None else past[0].shape[1]
-        q, k = self.position(q, k, cos, sin, offset)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        if (self.attn_impl == "flash" and mask is None and offset == 0 and q.is_cuda
+        if cache is not None:
+            out = cache.attend(q, k, v)
+        elif (self.attn_impl == "flash" and mask is None and q.is_cuda
                 and q.dtype in (torch.float16, torch.bfloat16)):  # flash-attn: CUDA, half precision only
             from flash_attn import flash_attn_func
             out = flash_attn_func(q, k, v, causal=True)
         else:
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            causal = mask is None and offset == 0  # (also right for T = 1; a plain bool when T is symbolic)
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal,
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
-        return self.o_proj(out.reshape(B, T, -1)), (k, v)
+        return self.o_proj(out.reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -205,29 +206,29 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoEFeedForward(cfg, ops) if cfg.use_moe else FeedForward(cfg, ops)
 
-    def forward(self, h, delta, cos, sin, past=None, mask=None):
+    def forward(self, h, delta, cos, sin, mask=None, cache=None):
         """The residual stream h and the previous sublayer's output delta, not yet added (None in layer 0).
-        Returns the new (h, delta, (k, v), aux_loss); the caller adds the last delta in the final norm."""
+        Returns the new (h, delta, aux_loss); the caller adds the last delta in the final norm."""
         norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
         if delta is None:
             x = self.ops.rms_norm(h, norm_in.weight, norm_in.eps)
         else:
             h, x = self.ops.add_rms_norm(delta, h, norm_in.weight, norm_in.eps)
-        a, kv = self.self_attn(x, cos, sin, past, mask)
+        a = self.self_attn(x, cos, sin, mask, cache)
         h, x = self.ops.add_rms_norm(a, h, norm_post.weight, norm_post.eps)
         if isinstance(self.mlp, MoEFeedForward):
             m, aux = self.mlp(x)
         else:
             m, aux = self.mlp(x), None
-        return h, m, kv, aux
+        return h, m, aux
 
 
-def attention_mask_for(attention_mask, T, past_len):
-    """Boolean (B, 1, T, past_len + T) mask from a (B, past_len + T) 0/1 key mask, causal by position.
+def attention_mask_for(attention_mask):
+    """Boolean (B, 1, T, T) mask from a (B, T) 0/1 key mask, causal by position.
     A query always sees itself, so a padded row never becomes all-masked (which would give NaN)."""
-    S = past_len + T
-    q_pos = torch.arange(past_len, S, device=attention_mask.device)[:, None]
-    k_pos = torch.arange(S, device=attention_mask.device)[None, :]
+    T = attention_mask.shape[1]
+    q_pos = torch.arange(T, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(T, device=attention_mask.device)[None, :]
     allowed = (k_pos <= q_pos)[None] & attention_mask[:, None, :].bool()
     allowed = allowed | (k_pos == q_pos)[None]
     return allowed[:, None]
@@ -244,28 +245,29 @@ class MiniMindModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
-        """input_ids (B, T) -> (hidden (B, T, H) after the final norm, new cache or None, aux_loss)."""
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T) -> (hidden (B, T, H) after the final norm, aux_loss). attention_mask (B, T) 0/1 hides
+        pads. cache: a KVCache (minimind/kv_cache.py) set up for this forward when generating: it gives each
+        token's position and holds every earlier token's keys and values."""
         B, T = input_ids.shape
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[1]
-        if past_len + T > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {past_len + T} tokens exceeds max_position_embeddings "
+        if T > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask_for(attention_mask, T, past_len)
-        elif past_len and T > 1:
-            mask = attention_mask_for(torch.ones(B, past_len + T, device=input_ids.device), T, past_len)
-        h, delta, presents = self.embed_tokens(input_ids), None, []
+            mask = attention_mask_for(attention_mask)
+        cos, sin = self.rope_cos, self.rope_sin
+        if cache is not None:
+            positions = cache.positions_for(input_ids.shape)
+            cos, sin = cos.index_select(0, positions), sin.index_select(0, positions)
+        h, delta = self.embed_tokens(input_ids), None
         aux = torch.zeros((), device=input_ids.device)
         for i, layer in enumerate(self.layers):
-            past = None if past_key_values is None else past_key_values[i]
-            h, delta, kv, layer_aux = layer(h, delta, self.rope_cos, self.rope_sin, past, mask)
-            presents.append(kv)
+            h, delta, layer_aux = layer(h, delta, cos, sin, mask, None if cache is None else cache.layer(i))
             if layer_aux is not None:
                 aux = aux + layer_aux
         _, out = self.ops.add_rms_norm(delta, h, self.norm.weight, self.norm.eps)
-        return out, (presents if use_cache else None), aux
+        return out, aux
 
 
 @dataclass
@@ -274,7 +276,6 @@ class CausalLMOutput:
     lm_loss: Optional[torch.Tensor] = None
     aux_loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None  # None when a loss was computed and return_logits was not asked for
-    past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 def shift_labels(labels, ignore_index=-100):
@@ -329,13 +330,13 @@ class MiniMindForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, labels=None, attention_mask=None, past_key_values=None, use_cache=False,
-                loss_weights=None, return_logits=None, logits_to_keep=0):
+    def forward(self, input_ids, labels=None, attention_mask=None, loss_weights=None, return_logits=None,
+                logits_to_keep=0):
         """input_ids (B, T); labels (B, T) aligned with input_ids, -100 where ignored (shifted here);
         loss_weights (B, T) per-label weights, aligned like labels. logits_to_keep: only the last n positions'
         logits (0 = all)."""
-        hidden, presents, aux = self.model(input_ids, attention_mask, past_key_values, use_cache)
-        out = CausalLMOutput(aux_loss=aux, past_key_values=presents)
+        hidden, aux = self.model(input_ids, attention_mask)
+        out = CausalLMOutput(aux_loss=aux)
         if labels is not None:
             H = hidden.shape[-1]
             targets = shift_labels(labels).reshape(-1)
@@ -350,7 +351,7 @@ class MiniMindForCausalLM(nn.Module):
     def token_logprobs(self, input_ids, labels, attention_mask=None):
         """(B, T) log p(labels[:, t] | tokens before t), aligned with labels, 0 where ignored (and at t = 0);
         plus the aux loss. Uses linear_logprobs, so a fused backend never builds the logits."""
-        hidden, _, aux = self.model(input_ids, attention_mask)
+        hidden, aux = self.model(input_ids, attention_mask)
         B, T, H = hidden.shape
         lp = self.ops.linear_logprobs(hidden.reshape(-1, H), self.lm_head.weight, shift_labels(labels).reshape(-1))
         return F.pad(lp.view(B, T)[:, :-1], (1, 0)), aux

@@ -51,14 +51,15 @@ def running_server(model=None, tokenizer=None, **cfg):
 
 
 def slow_down(model, seconds):
-    """Make every forward pass of `model` take `seconds` longer; returns the list of their start times."""
-    calls, forward = [], model.forward
+    """Make every forward pass of `model` take `seconds` longer; returns the list of their start times. (The
+    transformer body's: generation runs it and applies lm_head itself.)"""
+    calls, forward = [], model.model.forward
 
     def slowed(*args, **kwargs):
         calls.append(time.monotonic())
         time.sleep(seconds)
         return forward(*args, **kwargs)
-    model.forward = slowed
+    model.model.forward = slowed
     return calls
 
 

@@ -3,6 +3,7 @@ import torch
 
 from kernels import reference
 from minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind.kv_cache import KVCache
 from minimind.model import MoEFeedForward
 
 
@@ -110,23 +111,59 @@ def test_causality(kind):
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
+def logits_through_the_cache(model, seqs, prompt_lengths):
+    """The logits of every position of each sequence in seqs (lists of ids, each with the same number of tokens after
+    its prompt) as generation computes them: all prompts in one right-padded prefill into a KVCache, then one token
+    per row per step, every row at its own position. Returns one (len, V) tensor per sequence."""
+    device = next(model.parameters()).device
+    cache = KVCache(model.config, len(seqs), max(len(s) for s in seqs), next(model.parameters()).dtype, device)
+    prompts = torch.zeros(len(seqs), max(prompt_lengths), dtype=torch.long)
+    for b, (s, n) in enumerate(zip(seqs, prompt_lengths)):
+        prompts[b, :n] = torch.tensor(s[:n])
+    cache.prefill(0, prompt_lengths)
+    hidden = model.model(prompts.to(device), cache=cache)[0]
+    out = [[hidden[b, :n]] for b, n in enumerate(prompt_lengths)]
+    for step in range(len(seqs[0]) - prompt_lengths[0]):
+        cache.decode(len(seqs))
+        ids = torch.tensor([[s[n + step]] for s, n in zip(seqs, prompt_lengths)], device=device)
+        hidden = model.model(ids, cache=cache)[0]
+        for b in range(len(seqs)):
+            out[b].append(hidden[b])
+    return [model.lm_head(torch.cat(h)) for h in out]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decoding_equals_full_forward(kind):
+    """Rows of different lengths through the KV cache give each row's own full forward."""
     torch.manual_seed(0)
     model = MiniMindForCausalLM(KINDS[kind]()).eval()
-    ids = torch.randint(0, 97, (2, 11))
-    full = model(ids).logits
-    out = model(ids[:, :6], use_cache=True)
-    steps = [out.logits]
-    cache = out.past_key_values
-    out = model(ids[:, 6:8], past_key_values=cache, use_cache=True)  # a chunk of two with a cache
-    steps.append(out.logits)
-    cache = out.past_key_values
-    for t in range(8, 11):  # then one token at a time
-        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits)
-        cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (11, 7, 9)]
+    with torch.no_grad():
+        got = logits_through_the_cache(model, seqs, [6, 2, 4])  # then 5 decode steps
+        for s, logits in zip(seqs, got):
+            torch.testing.assert_close(logits, model(torch.tensor([s])).logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_bad_use():
+    model = MiniMindForCausalLM(tiny()).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        KVCache(model.config, 2, 129)
+    cache = KVCache(model.config, 2, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.prefill(1, [3, 3])  # rows 1..2 of 2
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.prefill(0, [9])
+    cache.prefill(0, [8, 2])
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.decode(1)  # row 0 is full
+    cache.prefill(0, [2, 2])
+    with torch.no_grad():
+        model.model(torch.ones(2, 2, dtype=torch.long), cache=cache)
+        with pytest.raises(RuntimeError, match="needs prefill"):  # one forward per prefill / decode
+            model.model(torch.ones(2, 1, dtype=torch.long), cache=cache)
+        cache.decode(2)
+        with pytest.raises(RuntimeError, match="one token per row"):
+            model.model(torch.ones(2, 2, dtype=torch.long), cache=cache)
 
 
 def test_padding_mask_left_padded_batch():

@@ -75,17 +75,17 @@ def test_logits_path_loss_and_every_gradient_match_torch(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decoding_matches_torch(kind):
-    """Prefill then one step with the cache: RoPE at a position offset."""
+    """Generation's path: a right-padded prefill into the KV cache, then one token per row at its own position (RoPE
+    on per-token cos/sin rows)."""
+    from tests.test_model import logits_through_the_cache
     ref, tri = model_pair(kind)
     ids, _ = batch(B=2, T=9, seed=2)
+    seqs = [ids[0].tolist(), ids[1, :6].tolist()]
     with torch.no_grad():
-        outs = []
-        for model in (ref, tri):
-            first = model(ids[:, :8], use_cache=True)
-            step = model(ids[:, 8:], past_key_values=first.past_key_values, use_cache=True)
-            outs.append((first.logits, step.logits))
-    assert rel(outs[1][0], outs[0][0]) < TOL
-    assert rel(outs[1][1], outs[0][1]) < TOL
+        want, got = (logits_through_the_cache(model, seqs, [7, 4]) for model in (ref, tri))
+        for w, g, s in zip(want, got, seqs):
+            assert rel(g, w) < TOL
+            assert rel(w, ref(torch.tensor([s], device=DEVICE)).logits[0]) < TOL
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -178,7 +178,7 @@ def test_a_conversation_longer_than_the_context_is_a_400_and_a_model_failure_a_5
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
-    model.forward = broken
+    model.model.forward = broken  # the transformer body, which generation runs (it applies lm_head itself)
     with running_server(model) as srv:
         error = assert_json_error(*post_chat(srv.port, {"messages": QUESTION}), 500)
         assert "out of memory (simulated)" in error["message"]

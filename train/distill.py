@@ -92,7 +92,7 @@ def prepare(model, run):
 def distill_loss(model, batch, run):
     args, teacher = run.args, run.extras["teacher"]
     ids = batch["input_ids"]  # right-padded rows: causal attention needs no mask (see train.pretrain.lm_loss)
-    hidden, _, aux = model.model(ids)
+    hidden, aux = model.model(ids)
     with torch.no_grad():
         teacher_hidden = teacher.model(ids)[0]
     loss, ce, kl = chunked_distill_loss(hidden, model.lm_head.weight, teacher_hidden, teacher.lm_head.weight,

@@ -7,6 +7,11 @@ randomly initialised model's nearly uniform 16-token replies hold about 1-2% dig
 something, so the advantages have a signal from the first step (a single word to say is too rare in random replies
 for 24 steps of a tiny model to find)."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +19,7 @@ import torch
 from minimind.data import DataError
 from tests.reference_files import reference_folder
 from tests.test_compile import counting_backend, fresh_dynamo  # noqa: F401  (fixture)
-from tests.train_helpers import demo_data, one_thread, run_module  # noqa: F401  (fixtures)
+from tests.train_helpers import ROOT, demo_data, one_thread, run_module  # noqa: F401  (fixtures)
 from train import engine, grpo, ppo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,6 +137,24 @@ def test_stopped_and_resumed_rl_run_is_bit_identical(demo_data, tmp_path, stage,
     assert _rewards(second) == _rewards(straight)
     a, b = _state(straight["model"]), _state(second["model"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ppo_sigterm_saves_actor_critic_and_resume_state(demo_data, tmp_path):  # noqa: F811
+    argv = rl_flags(tmp_path, demo_data["sft"], steps=10000, extra=["--epochs", "100"])
+    proc = subprocess.Popen([sys.executable, "-m", "train.ppo", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "ppo_metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == engine.STOPPED_EXIT_STATUS, err[-2000:]
+    state = torch.load(tmp_path / "ppo_actor_64_resume.pt", weights_only=False)
+    assert state["step"] >= 1 and not state["finished"]
+    assert (tmp_path / "ppo_actor_64.pth").exists() and (tmp_path / "ppo_critic_64.pth").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 @pytest.mark.parametrize("module", ["train.grpo", "train.ppo"])

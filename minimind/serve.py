@@ -518,7 +518,8 @@ def main(argv=None):
                       max_tokens_cap=args.max_tokens_cap, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                       cors_origins=tuple(args.cors_origin), loopback_only=is_loopback_host(args.host),
                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
-                      max_context=args.max_context, request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout)
+                      max_context=args.max_context, request_timeout=args.request_timeout,
+                      keep_alive_timeout=args.keep_alive_timeout)
     scheduler = Scheduler(model, tokenizer, cfg.max_queue, cfg.max_batch, cfg.max_context)
     try:
         server, sock = make_server(scheduler, cfg, args.host, args.port, args.verbose)
@@ -527,9 +528,9 @@ def main(argv=None):
         p.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    print(f"serving {path} as {cfg.model_name!r} ({cfg.max_batch} requests at a time of up to "
-          f"{scheduler.max_context} tokens, KV cache {scheduler.kv_cache_bytes() / 2 ** 20:.0f} MiB): web chat http://{host}:{port}/ , API base http://{host}:{port}/v1"
-          + (" (API key required)" if cfg.api_key else ""), flush=True)
+    print(f"serving {path} as {cfg.model_name!r} ({cfg.max_batch} requests at a time of up to {scheduler.max_context} "
+          f"tokens, KV cache {scheduler.kv_cache_bytes() / 2 ** 20:.0f} MiB): web chat http://{host}:{port}/ , "
+          f"API base http://{host}:{port}/v1" + (" (API key required)" if cfg.api_key else ""), flush=True)
     server.run(sockets=[sock])
 
 

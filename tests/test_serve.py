@@ -428,7 +428,8 @@ def test_the_command_line_serves_a_weight_file_with_an_api_key_from_the_environm
 
 
 @pytest.mark.parametrize("flag, value", [("--max_queue", "-1"), ("--request_timeout", "0"),
-                                         ("--keep_alive_timeout", "nan"), ("--max_body_bytes", "0")])
+                                         ("--keep_alive_timeout", "nan"), ("--max_body_bytes", "0"),
+                                         ("--max_batch", "0"), ("--max_context", "1")])
 def test_the_command_line_refuses_bad_limits_before_loading_anything(flag, value, capsys):
     from minimind.serve import main
     with pytest.raises(SystemExit) as e:

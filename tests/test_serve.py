@@ -379,8 +379,9 @@ def test_sixteen_concurrent_clients_get_the_replies_they_get_alone(server, clien
 
 
 def test_sixteen_clients_decode_in_one_batch_and_get_the_replies_they_get_alone():
-    """The 16 requests above, held until all 16 are in: the first is prefilled alone, the other 15 join it together
-    at the next step, and then each step decodes all 16 rows in one forward."""
+    """The 16 requests above, held until all 16 are in: the first ones are prefilled (one group, or a few when the
+    machine is slow to deliver the requests), the rest join at the next step, and then each step decodes all 16 rows
+    in one forward."""
     model = tiny()
     gate = threading.Event()
     shapes = forward_shapes(model, gate)
@@ -397,10 +398,12 @@ def test_sixteen_clients_decode_in_one_batch_and_get_the_replies_they_get_alone(
         for t in threads:
             t.join(120)
     assert together == alone
-    assert [rows for rows, tokens in shapes if tokens > 1] == [1, 15]  # the prefills
+    prefills = [rows for rows, tokens in shapes if tokens > 1]
+    assert sum(prefills) == 16 and len(prefills) <= 3, prefills  # 16 rows joined in at most 3 groups
     decodes = [rows for rows, tokens in shapes if tokens == 1]
-    # job 0's second token alone, then all 16 rows in every forward (fewer as replies end)
-    assert decodes[0] == 1 and decodes[1] == 16 and decodes[1:] == sorted(decodes[1:], reverse=True)
+    # once all have joined, every forward decodes all 16 rows (fewer as replies end)
+    full = decodes.index(16)
+    assert decodes[full:] == sorted(decodes[full:], reverse=True) and full <= len(prefills), decodes
 
 
 # ---------------------------------------------------------------- the command line

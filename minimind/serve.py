@@ -28,7 +28,9 @@ Limits: a body over --max_body_bytes is refused before it is read (Content-Lengt
 --max_queue requests wait for the model (more get 429 with Retry-After); a connection that has not sent a whole
 request head within --keep_alive_timeout seconds, idle or between requests, is closed. Tokenising runs in a thread
 that releases the GIL and generation in the model's own thread (minimind/scheduler.py), so the event loop keeps
-answering; a reply stops being generated when its client goes away, streamed or not.
+answering; a reply stops being generated when its client goes away, streamed or not. Up to --max_batch requests
+decode together, one batched forward per token on a KV cache of --max_batch x --max_context tokens (allocated at
+start); a request joins the batch between tokens, and a conversation must fit --max_context with its reply.
 
 Every failure is a JSON body in OpenAI's error shape, {"error": {"message", "type", "param", "code"}}: 400 a bad
 request (the field named), 401 API key, 404 path, 405 method, 408 body too slow, 411 POST without a length, 413 body
@@ -85,6 +87,8 @@ class ServeConfig:
     loopback_only: bool = True  # answer only requests addressed to a loopback name
     max_body_bytes: int = 1 << 20
     max_queue: int = 64
+    max_batch: int = 16  # requests generated together
+    max_context: int = 4096  # tokens of one request, prompt and reply (at most the model's context)
     request_timeout: float = 300.0
     keep_alive_timeout: float = 5.0
 
@@ -277,7 +281,7 @@ def has_body(headers: Headers) -> bool:
 def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
     """The FastAPI application serving `scheduler`'s model (the page, /v1/models, /v1/chat/completions) behind
     the Gate."""
-    tokenizer, context = scheduler.tokenizer, scheduler.model.config.max_position_embeddings
+    tokenizer, context = scheduler.tokenizer, scheduler.max_context
     capabilities = [c for c, able in (("thinking", tokenizer.supports_thinking), ("tools", tokenizer.supports_tools))
                     if able]
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 408, 411, 413, 415, 429, 500, 503)}
@@ -349,8 +353,9 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
         scheduler.check_room()  # refuse before tokenising when the queue is full
         prompt = await run_in_threadpool(encode, messages, options)
         if len(prompt) >= context:
-            raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {context}: "
-                                "send fewer or shorter messages", "messages")
+            raise APIError(400, f"the conversation is {len(prompt)} tokens; the context is {context} (--max_context, "
+                                f"at most the model's {scheduler.model.config.max_position_embeddings}): send fewer "
+                                "or shorter messages", "messages")
         seed = req.seed if req.seed is not None else cfg.seed
         job = Job(prompt, req.sampling(cfg.sampling, cfg.max_tokens_cap), seed, req.stop_sequences(), deadline)
         scheduler.submit(job)
@@ -513,6 +518,11 @@ def main(argv=None):
                    help="the largest request body (a full 32k-token conversation is a few hundred KB)")
     p.add_argument("--max_queue", type=number_at_least(int, 0), default=d.max_queue,
                    help="requests that may wait for the model; more are answered 429 with Retry-After")
+    p.add_argument("--max_batch", type=number_at_least(int, 1), default=d.max_batch,
+                   help="requests generated together, one batched forward per token (more wait in the queue)")
+    p.add_argument("--max_context", type=number_at_least(int, 2), default=d.max_context,
+                   help="tokens one request may hold, conversation and reply (at most the model's context; the KV "
+                        "cache holds max_batch x max_context tokens from the start)")
     p.add_argument("--request_timeout", type=positive, default=d.request_timeout,
                    help="seconds a request may take in all: body, queue and generation (then 408 or 503)")
     p.add_argument("--keep_alive_timeout", type=positive, default=d.keep_alive_timeout,
@@ -522,9 +532,10 @@ def main(argv=None):
     cfg = ServeConfig(model_name=args.model_name or path.stem, sampling=defaults, seed=args.seed,
                       max_tokens_cap=args.max_tokens_cap, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                       cors_origins=tuple(args.cors_origin), loopback_only=is_loopback_host(args.host),
-                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                      request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout)
-    scheduler = Scheduler(model, tokenizer, cfg.max_queue)
+                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                      max_context=args.max_context, request_timeout=args.request_timeout,
+                      keep_alive_timeout=args.keep_alive_timeout)
+    scheduler = Scheduler(model, tokenizer, cfg.max_queue, cfg.max_batch, cfg.max_context)
     try:
         server, sock = make_server(scheduler, cfg, args.host, args.port, args.verbose)
     except OSError as e:
@@ -532,8 +543,9 @@ def main(argv=None):
         p.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    print(f"serving {path} as {cfg.model_name!r}: web chat http://{host}:{port}/ , API base http://{host}:{port}/v1"
-          + (" (API key required)" if cfg.api_key else ""), flush=True)
+    print(f"serving {path} as {cfg.model_name!r} ({cfg.max_batch} requests at a time of up to {scheduler.max_context} "
+          f"tokens, KV cache {scheduler.kv_cache_bytes() / 2 ** 20:.0f} MiB): web chat http://{host}:{port}/ , "
+          f"API base http://{host}:{port}/v1" + (" (API key required)" if cfg.api_key else ""), flush=True)
     server.run(sockets=[sock])
 
 

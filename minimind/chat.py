@@ -80,14 +80,29 @@ def open_model(args):
     return model, tokenizer, path
 
 
+def sampling_config(args) -> SamplingConfig:
+    """The SamplingConfig of add_sampling_args' flags."""
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+
+
+def number_at_least(kind, low, inclusive=True):
+    """An argparse type: a number of `kind` >= low (> low when not inclusive)."""
+    def parse(text):
+        value = kind(text)
+        if not (value >= low if inclusive else value > low):  # (NaN is neither)
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+    return parse
+
+
 def parse_and_open(p: argparse.ArgumentParser, argv=None):
     """Parse the flags and open the model: (args, model, tokenizer, weight path, SamplingConfig); a bad file or flag
     ends with a usage error that says which."""
     args = p.parse_args(argv)
     try:
         model, tokenizer, path = open_model(args)
-        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+        cfg = sampling_config(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: an unavailable --kernels
         p.error(str(e))
     return args, model, tokenizer, path, cfg
@@ -220,7 +235,7 @@ def main(argv=None):
                    help="think before answering (minimind-3's chat template; default off)")
     p.add_argument("--tools", default=None, metavar="FILE",
                    help="a Python file whose public functions the model may call (minimind-3's chat template)")
-    p.add_argument("--max_tool_rounds", type=int, default=3,
+    p.add_argument("--max_tool_rounds", type=number_at_least(int, 0), default=3,
                    help="rounds of tool calls answered per question (default %(default)s)")
     args, model, tokenizer, path, cfg = parse_and_open(p, argv)
     fmt = f"the tokenizer speaks MiniMind2's chat format, which has no %s (a minimind-3 tokenizer has: --tokenizer)"

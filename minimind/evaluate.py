@@ -95,7 +95,7 @@ def evaluate(model, tokenizer, items: List[dict], template: str = "plain", batch
 
 
 def main(argv=None):
-    from minimind.chat import add_model_args, open_model
+    from minimind.chat import add_model_args, add_sampling_args, number_at_least, open_model
     p = argparse.ArgumentParser(prog="python -m minimind.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -110,12 +110,10 @@ def main(argv=None):
     t.add_argument("--tasks", default=None, help="its task file (default: the bundled one)")
     t.add_argument("--tools", default=None, help="the Python file of its mock tools (default: the bundled one)")
     t.add_argument("--think", choices=("on", "off"), default="off", help="think before each reply")
-    t.add_argument("--max_tool_rounds", type=int, default=3,
+    t.add_argument("--max_tool_rounds", type=number_at_least(int, 0), default=3,
                    help="rounds of tool calls answered per task (default %(default)s)")
-    t.add_argument("--max_new_tokens", type=int, default=512, help="longest reply (default %(default)s)")
-    t.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the same scores every run (default)")
-    t.add_argument("--top_p", type=float, default=0.85, help="nucleus sampling when temperature > 0")
-    t.add_argument("--seed", type=int, default=0, help="the sampler's seed when temperature > 0")
+    add_sampling_args(t)
+    p.set_defaults(temperature=0.0, seed=0)  # greedy: the same scores every run
     args = p.parse_args(argv)
     if args.toolcall == (args.data is not None):
         p.error("give --data (multiple choice) or --toolcall (the tool-call eval)")
@@ -144,16 +142,15 @@ def main(argv=None):
                                               "n": total, "subjects": scores}, indent=1, ensure_ascii=False))
 
 
-
 def toolcall_main(p, args):
-    from minimind.chat import open_model
-    from minimind.generate import SamplingConfig
+    """The tool-call eval (minimind/toolcall_eval.py) on the model of the flags."""
+    from minimind.chat import open_model, sampling_config
     from minimind.tools import Toolbox
     from minimind.toolcall_eval import DEFAULT_TASKS, DEFAULT_TOOLS, load_tasks, model_completer, report, run_tasks
     try:
         toolbox = Toolbox.from_file(args.tools or DEFAULT_TOOLS)
         tasks = load_tasks(args.tasks or DEFAULT_TASKS, toolbox)
-        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        cfg = sampling_config(args)
         model, tokenizer, path = open_model(args)
         complete = model_completer(model, tokenizer, cfg, args.think == "on", args.seed, args.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

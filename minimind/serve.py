@@ -65,7 +65,7 @@ try:
 except ImportError as e:
     raise ImportError(f"minimind.serve needs FastAPI and uvicorn: pip install 'minimind-triton[serve]' ({e})") from e
 
-from minimind.chat import add_model_args, add_sampling_args, parse_and_open
+from minimind.chat import add_model_args, add_sampling_args, number_at_least, parse_and_open
 from minimind.generate import SamplingConfig
 from minimind.openai_api import (ChatCompletion, ChatCompletionChunk, ChatRequest, ErrorResponse, ModelCard,
                                  ModelList, ReplyShaper, RequestError, Usage, stream_event_schema)
@@ -485,16 +485,6 @@ def make_server(scheduler: Scheduler, cfg: ServeConfig, host: str = "127.0.0.1",
                             timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=5,
                             log_level="info" if verbose else "warning", access_log=verbose)
     return uvicorn.Server(config), sock
-
-
-def number_at_least(kind, low, inclusive=True):
-    """An argparse type: a number of `kind` >= low (> low when not inclusive)."""
-    def parse(text):
-        value = kind(text)
-        if not (value >= low if inclusive else value > low):  # (NaN is neither)
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        return value
-    return parse
 
 
 def main(argv=None):

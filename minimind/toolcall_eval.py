@@ -29,14 +29,14 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Sequence
 
 import torch
 
 from minimind.chat_template import parse_reply
-from minimind.generate import SamplingConfig, generate, left_pad
+from minimind.generate import SamplingConfig, rollout
 from minimind.tools import Toolbox
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "toolcall"
@@ -147,26 +147,21 @@ def summarize(results: Sequence[dict]) -> dict:
 def model_completer(model, tokenizer, cfg: SamplingConfig, thinking: bool = False, seed: int = 0,
                     batch_size: int = 16) -> Callable:
     """complete() for run_tasks on a model: each conversation rendered with its tools by the tokenizer's template,
-    the replies generated batch_size at a time (left-padded, each row as it would be alone), cut at <|im_end|>."""
+    the replies generated together on the engine (batch_size rows at a time, a finished row's place going to the
+    next; each row samples from its own seed, so it says what it would alone), cut at <|im_end|>."""
     if not tokenizer.supports_tools:
         raise ValueError(f"the tool-call eval needs a tokenizer with minimind-3's chat format (tools); "
                          f"{tokenizer.name} has MiniMind2's: pass --tokenizer")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    cfg = replace(cfg, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    generator = torch.Generator().manual_seed(seed)
 
     def complete(conversations):
         prompts = [tokenizer.encode(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                                   enable_thinking=thinking))
                    for messages, tools in conversations]
-        texts = []
-        for start in range(0, len(prompts), batch_size):
-            ids, mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_id, device)
-            rows = generate(model, ids, mask, cfg, generator, eos_token_id=tokenizer.eos_id,
-                            pad_token_id=tokenizer.pad_id).tolist()
-            for row in rows:
-                row = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+        r = rollout(model, prompts, 1, cfg, generator, max_batch=batch_size)
+        return [tokenizer.decode(row[mask & (row != tokenizer.eos_id)].tolist(), skip_special_tokens=True)
+                for row, mask in zip(r.completions, r.completion_mask)]
     return complete
 
 

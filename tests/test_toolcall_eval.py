@@ -1,16 +1,18 @@
 """The tool-call eval (minimind.toolcall_eval, python -m minimind.evaluate --toolcall): the scorer on scripted
 replies (valid and invalid calls, the wrong tool, a tool not offered, a broken block, a task that never stops
 calling, answers found as numbers or words), the harness end to end on a scripted model (the prompts are the
-template's, the tool results the mock tools'), the bundled files, and the command line on a tiny random model
+template's, the tool results the mock tools'), batched replies equal to those alone, the bundled files, and the command line on a tiny random model
 with the real minimind-3 tokenizer (its scores are low; they must only be well-formed)."""
 import io
 import json
 from contextlib import redirect_stdout
+from dataclasses import replace
 
 import pytest
+import torch
 
 from minimind.evaluate import main
-from minimind.generate import SamplingConfig
+from minimind.generate import Engine, SamplingConfig, row_seeds
 from minimind.tools import Toolbox
 from minimind.toolcall_eval import (DEFAULT_TASKS, DEFAULT_TOOLS, Task, contains, load_tasks, model_completer,
                                     run_tasks, summarize)
@@ -116,6 +118,24 @@ def test_the_harness_end_to_end_on_a_scripted_model(tasks, toolbox):
                                                                      "arguments": {"expression": "256 * 37"}}]},
                 {"role": "tool", "content": '{"result": 9472}'}]
     assert model.prompts[3] == tok.encode(tok.apply_chat_template(exchange, tools=schemas, add_generation_prompt=True))
+
+
+def test_the_replies_of_a_batch_are_those_each_gets_alone(tasks):
+    """model_completer generates a round's conversations together (3 rows at a time here, of prompts of different
+    lengths): each reply, sampled with a seed, is the one the conversation gets alone, cut at <|im_end|>."""
+    tok, model = minimind3_tokenizer(), tiny()
+    conversations = [([{"role": "user", "content": t.prompt}], None) for t in list(tasks.values())[:5]]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    together = model_completer(model, tok, cfg, seed=3, batch_size=3)(conversations)
+    seeds = row_seeds(len(conversations), torch.Generator().manual_seed(3))
+    for (messages, _), text, seed in zip(conversations, together, seeds):
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        engine = Engine(model, 1, len(ids) + 12)
+        engine.add(ids, replace(cfg, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id), seed)
+        alone = [e.token for _ in range(12) if engine.busy for e in engine.step()]
+        alone = alone[:alone.index(tok.eos_id)] if tok.eos_id in alone else alone
+        assert text == tok.decode(alone, skip_special_tokens=True)
+    assert len(set(together)) > 1  # a random model at temperature 1 says different things
 
 
 def test_the_bundled_files_and_bad_task_files(toolbox, tasks, tmp_path):

@@ -135,9 +135,10 @@ def test_stop_sequences_end_the_reply_streamed_or_not(server, client):
     ({"messages": QUESTION, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": QUESTION, "logprobs": True}, "logprobs"),
     ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": QUESTION, "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": QUESTION, "reasoning_effort": "low"}, "reasoning_effort"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # MiniMind2's
+    ({"messages": QUESTION, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": QUESTION, "reasoning_effort": "low"}, "reasoning_effort"),  # MiniMind2's format: no thinking
+    ({"messages": QUESTION, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": QUESTION, "temprature": 0.5}, "temprature"),  # a typo is not silently ignored
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
 ])
@@ -149,9 +150,8 @@ def test_bad_requests_are_400s_that_name_the_field(server, body, param):
 
 def test_refused_fields_say_why_and_harmless_ones_are_accepted(server, client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=QUESTION, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert "tool calls are not supported yet" in e.value.message
+        client.chat.completions.create(model="tiny", messages=QUESTION, top_logprobs=2)
+    assert "log-probabilities are not returned" in e.value.message
     status, _, reply = post_chat(server.port, {"messages": QUESTION, "temprature": 0.5})
     assert "unrecognized request argument supplied: 'temprature'" in reply["error"]["message"]
     reply = client.chat.completions.create(

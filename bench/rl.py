@@ -25,6 +25,8 @@ Measured:
                it (weights, the batch): on a GPU torch.cuda.max_memory_allocated; on a CPU every allocation and free
                of PyTorch's CPU allocator during the step, as torch.profiler records them (profile_memory), summed in
                time order, the peak of that running sum. Parameter gradients are allocated in the step both times.
+               Also its log-prob part alone: the same step on hidden states computed beforehand (heads, log-softmax
+               or linear_logprobs, loss, their backward), which is all that differs between the two.
   rollout tok/s   generated tokens / rollout time (ours; MiniMind's generate is not reproduced here).
   training tok/s  rows x sequence length / loss-step time, best of --repeats, each step.
 """

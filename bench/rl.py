@@ -99,8 +99,9 @@ def loss_step(policy, ref, batch, logprobs, autocast):
 
 
 def cpu_peak_bytes(fn):
-    """Peak of the running sum of PyTorch CPU allocator allocations and frees while fn runs (torch.profiler's
-    memory events; the kineto results are the only place that lists each of them)."""
+    """Peak of the running sum of PyTorch CPU allocator allocations and frees while fn runs (torch.profiler's memory
+    events, which it records on the thread that runs it, where a CPU backward runs too; the kineto results are the
+    only place that lists each of them)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

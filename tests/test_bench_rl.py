@@ -35,6 +35,8 @@ def test_bench_rl_tiny(tmp_path, monkeypatch):
     doc = json.loads(out.read_text())
     logits_mib = 6 * 48 * 6400 * 4 / 2 ** 20
     assert doc["logprob_part"]["minimind"]["peak_MiB"] > logits_mib
-    assert doc["logprob_part"]["ours"]["peak_MiB"] < logits_mib / 2
-    assert doc["logprob_part_peak_ratio"] > 2 and doc["rollout_tokens_per_s"] > 0
+    # ours: a 1 MiB chunk and the tied head's two 1.6 MiB weight gradients (the parameter's, the fp32 accumulator)
+    assert doc["logprob_part"]["ours"]["peak_MiB"] < logits_mib * 0.7
+    assert doc["logprob_part_peak_ratio"] > 2.5 and doc["rollout_tokens_per_s"] > 0
     assert doc["memory_measured_by"] == "torch.profiler CPU allocator events"
+

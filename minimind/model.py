@@ -291,6 +291,48 @@ class MiniMindForCausalLM(nn.Module):
             for p in (module.w_gate, module.w_up, module.w_down):
                 nn.init.normal_(p, std=0.02)
 
+    @torch.no_grad()
+    def init_minimind2_(self, seed: int):
+        """Overwrite the weights with MiniMind2's initial ones for `seed`: what MiniMind2's model holds when built
+        right after torch.manual_seed(seed) (its trainer uses 1337). MiniMind2 keeps PyTorch's defaults: every
+        linear weight (and the MoE router) kaiming_uniform_(a=sqrt(5)), i.e. uniform(+-1/sqrt(fan_in)); the
+        embedding normal(0, 1), but then the embedding is tied by assigning lm_head's weight to it, so the shared
+        matrix is lm_head's uniform draw; RMSNorm weights 1. The draws come from one generator in MiniMind2's
+        module creation order: embedding; per layer q, k, v, o, then the MLP's gate, down, up (MoE: each routed
+        expert's gate, down, up, then the router, then each shared expert's gate, down, up); lm_head last."""
+        g = torch.Generator().manual_seed(seed)
+
+        def draw(param, index=None, normal=False):
+            t = torch.empty(param.shape[1:] if index is not None else param.shape)
+            if normal:
+                nn.init.normal_(t, generator=g)
+            else:
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
+            (param if index is None else param[index]).copy_(t)
+
+        def mlp(gate, down, up, index=None):
+            for w in (gate, down, up):
+                draw(w, index)
+
+        draw(torch.empty(self.model.embed_tokens.weight.shape), normal=True)  # drawn, then replaced by the tie
+        for layer in self.model.layers:
+            attn, ffn = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                draw(proj.weight)
+            if isinstance(ffn, MoEFeedForward):
+                for j in range(ffn.w_gate.shape[0]):
+                    mlp(ffn.w_gate, ffn.w_down, ffn.w_up, j)
+                draw(ffn.gate.weight)
+                for shared in ffn.shared_experts:
+                    mlp(shared.gate_proj.weight, shared.down_proj.weight, shared.up_proj.weight)
+            else:
+                mlp(ffn.gate_proj.weight, ffn.down_proj.weight, ffn.up_proj.weight)
+        draw(self.lm_head.weight)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        return self
+
     def set_kernels(self, kernels: str):
         """Switch every module to another backend (same weights)."""
         ops = get_backend(kernels)

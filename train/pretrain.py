@@ -1,11 +1,13 @@
 """Pretraining: next-token prediction on plain text, from scratch.
 
-Data: JSON Lines {"text": ...} (MiniMind's pretrain_hq.jsonl). Rows are packed: documents back to back, each
-closed by <|im_end|>, cut into max_seq_len rows with no padding (--no_pack: MiniMind2's one document per row,
-padded to max_seq_len). Loss: mean cross-entropy over every non-pad target. Writes out/pretrain_{hidden}[_moe].pth.
+Data: JSON Lines {"text": ...} (MiniMind's pretrain_hq.jsonl). Each text carries <|im_start|> ... <|im_end|> around
+each of its segments, added where the file lacks them (--pretrain_markers). Rows are packed: documents back to back,
+cut into max_seq_len rows with no padding (--no_pack: MiniMind2's one document per row, padded to max_seq_len).
+Loss: mean cross-entropy over every non-pad target. Writes out/pretrain_{hidden}[_moe].pth.
 
     python -m train.pretrain --data_path dataset/pretrain_hq.jsonl            # MiniMind2-Small recipe
 """
+from minimind.data.markers import POLICIES
 from train import engine
 
 
@@ -21,6 +23,10 @@ def lm_loss(model, batch, run):
 def add_args(parser):
     parser.add_argument("--no_pack", action="store_true",
                         help="one document per row padded to max_seq_len (MiniMind2's layout) instead of packing")
+    parser.add_argument("--pretrain_markers", default="auto", choices=POLICIES,
+                        help="<|im_start|>/<|im_end|> around the texts: only where a text's segments lack them "
+                             "(auto; MiniMind2's pretrain_hq already carries them), around every text (always: "
+                             "minimind-3's trainer), or none added (never: MiniMind2's trainer)")
 
 
 STAGE = engine.Stage(

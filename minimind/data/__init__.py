@@ -7,21 +7,24 @@ __all__ = ["DataError", "DPOLoader", "KINDS", "Loader", "PackedPretrainLoader", 
 
 
 def build_loader(kind, path, tokenizer, *, max_seq_len, batch_size, seed=42, rank=0, world_size=1, pack=True,
-                 skip_bad_records=False, cache_dir=None, drop_last=True, num_workers=None) -> Loader:
+                 skip_bad_records=False, cache_dir=None, drop_last=True, num_workers=None, shuffle=True,
+                 markers="auto") -> Loader:
     """A resumable, shardable loader over `path` (a JSON Lines file of `kind`), building or reusing its token cache.
 
     kind: "pretrain" | "sft" | "reason" | "dpo". pack: pretrain rows packed full / chat batches length-bucketed
-    (False: MiniMind2's pad-to-max_seq_len). num_workers: tokeniser processes for a cache build (None: one per
+    (False: MiniMind2's pad-to-max_seq_len). shuffle=False: every epoch in file order (MiniMind2's order; with
+    drop_last=False the last partial batch is kept, as MiniMind2 does). markers: which <|im_start|>/<|im_end|>
+    pretraining adds, "auto" | "always" | "never" (minimind.data.markers). num_workers: tokeniser processes for a cache build (None: one per
     core for files over 8 MiB, in-process below). Bad records raise DataError "FILE:LINE: ..." unless
     skip_bad_records (then skipped, counted in stats()["skipped_records"], and warned about).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; choose one of {KINDS}")
     cache = load_token_cache(path, kind, tokenizer, cache_dir=cache_dir, skip_bad_records=skip_bad_records,
-                             num_workers=num_workers)
+                             num_workers=num_workers, markers=markers)
     if kind == "pretrain":
         cls = PackedPretrainLoader if pack else SequenceLoader
     else:
         cls = DPOLoader if kind == "dpo" else SequenceLoader
     return cls(kind, cache, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, rank=rank,
-               world_size=world_size, pack=pack, drop_last=drop_last)
+               world_size=world_size, pack=pack, drop_last=drop_last, shuffle=shuffle)

@@ -3,6 +3,7 @@ import argparse
 import json
 
 from minimind.data.cache import load_token_cache
+from minimind.data.markers import POLICIES
 from minimind.tokenizer import load_tokenizer
 
 
@@ -14,9 +15,13 @@ def main():
     ap.add_argument("--cache_dir", default=None)
     ap.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: one per core)")
     ap.add_argument("--skip_bad_records", action="store_true")
+    ap.add_argument("--pretrain_markers", default="auto", choices=POLICIES,
+                    help="pretrain: add <|im_start|>/<|im_end|> only where a text's segments lack them (auto), "
+                         "around every text (always), or never (see minimind/data/markers.py)")
     args = ap.parse_args()
     cache = load_token_cache(args.data, args.kind, load_tokenizer(args.tokenizer), cache_dir=args.cache_dir,
-                             skip_bad_records=args.skip_bad_records, num_workers=args.workers)
+                             skip_bad_records=args.skip_bad_records, num_workers=args.workers,
+                             markers=args.pretrain_markers)
     print(cache.folder)
     print(json.dumps({k: v for k, v in cache.meta.items() if k != "errors"}, indent=1))
 

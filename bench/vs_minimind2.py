@@ -317,8 +317,8 @@ def parity(cfg, minimind_dir, work):
             "checkpoints": checkpoints,
             "checkpoints_equal_at_4_decimals": sum(f"{r['minimind2']:.4f}" == f"{r.get('ours', float('nan')):.4f}"
                                                    for r in checkpoints),
-            "checkpoint_steps_ours": sorted(ours_weights), "ablations": ablations, "train_lines": cfg.batch_size * (cfg.steps - 1)
-            + max(1, cfg.batch_size // 2), "heldout_lines": cfg.heldout}
+            "checkpoint_steps_ours": sorted(ours_weights), "ablations": ablations,
+            "train_lines": cfg.batch_size * (cfg.steps - 1) + max(1, cfg.batch_size // 2), "heldout_lines": cfg.heldout}
 
 
 def _step_time(rec, warmup, clock):

@@ -14,8 +14,8 @@ def build_loader(kind, path, tokenizer, *, max_seq_len, batch_size, seed=42, ran
     kind: "pretrain" | "sft" | "reason" | "dpo". pack: pretrain rows packed full / chat batches length-bucketed
     (False: MiniMind2's pad-to-max_seq_len). shuffle=False: every epoch in file order (MiniMind2's order; with
     drop_last=False the last partial batch is kept, as MiniMind2 does). markers: which <|im_start|>/<|im_end|>
-    pretraining adds, "auto" | "always" | "never" (minimind.data.markers). num_workers: tokeniser processes for a cache build (None: one per
-    core for files over 8 MiB, in-process below). Bad records raise DataError "FILE:LINE: ..." unless
+    pretraining adds, "auto" | "always" | "never" (minimind.data.markers). num_workers: tokeniser processes for a
+    cache build (None: one per core for files over 8 MiB, in-process below). Bad records raise DataError "FILE:LINE: ..." unless
     skip_bad_records (then skipped, counted in stats()["skipped_records"], and warned about).
     """
     if kind not in KINDS:

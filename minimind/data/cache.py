@@ -8,16 +8,17 @@ A cache folder holds, for N sequences with L tokens in all:
     meta.json                     source fingerprint, tokenizer hash, counts, skipped records
 Pretrain sequences are stored with their <|im_start|> ... <|im_end|> markers as the `markers` policy leaves them
 (minimind.data.markers: by default a pair is added only where a text's segments lack it; meta["markers"] says what
-was added). Chat (sft, reason) sequences are the rendered ChatML. DPO record j is stored as sequence 2j (chosen) and 2j + 1 (rejected). Sequences are stored whole; the
-loaders truncate to max_seq_len, so one cache serves every sequence length.
+was added). Chat (sft, reason) sequences are the rendered ChatML. DPO record j is stored as sequence 2j (chosen)
+and 2j + 1 (rejected). Sequences are stored whole; the loaders truncate to max_seq_len, so one cache serves every
+sequence length.
 
 The folder is `<file>.tokcache/<kind>-<tokenizer hash>/` beside the data (or under cache_dir); a pretrain cache is
 `pretrain-<markers>-<tokenizer hash>/`, one per marker policy. It is reused when the source's size, mtime and the
-hashes of its first and last MiB match (and meta's marker policy is the one asked for), and rebuilt otherwise. Building streams the file
-in blocks of lines to worker processes (tokenisation in parallel) and appends their output to the arrays in file
-order, so memory holds a few blocks, never the file. A file lock lets concurrent processes (DDP ranks, parallel
-tests) share one build; the result appears atomically (built in a temporary folder, then renamed), and the next
-build removes what a builder killed mid-way left behind.
+hashes of its first and last MiB match (and meta's marker policy is the one asked for), and rebuilt otherwise.
+Building streams the file in blocks of lines to worker processes (tokenisation in parallel) and appends their
+output to the arrays in file order, so memory holds a few blocks, never the file. A file lock lets concurrent
+processes (DDP ranks, parallel tests) share one build; the result appears atomically (built in a temporary folder,
+then renamed), and the next build removes what a builder killed mid-way left behind.
 
     python -m minimind.data --kind sft --data sft_512.jsonl --workers 8     # build ahead of training
 """
@@ -127,7 +128,8 @@ def _init_worker(tokenizer):
 def encode_block(kind: str, first_line: int, lines, markers: str = "auto"):
     """Parse, validate and tokenise one block. Returns (tokens uint16, mask uint8 or None, lengths int64,
     first_target int64 or None, records, errors [(line, message)], MarkerCount or None); bad records are left out
-    and reported. Pretrain texts get their <|im_start|>/<|im_end|> under the `markers` policy (minimind.data.markers)."""
+    and reported. Pretrain texts get their <|im_start|>/<|im_end|> under the `markers` policy
+    (minimind.data.markers)."""
     tok, records, errors = _TOKENIZER, [], []
     for i, line in enumerate(lines):
         try:

@@ -15,8 +15,8 @@ Segments, for a text that holds at least one marker: cut the text at every marke
 like the space in `<|im_end|> <|im_start|>`, are separators. auto gives every segment the marker it lacks:
     - no <|im_start|> right before the segment: one is put before its first non-whitespace character;
     - no <|im_end|> right after it: one is put after its last non-whitespace character.
-So a line of closing markers only, `A<|im_end|> B<|im_end|>`, becomes `<|im_start|>A<|im_end|> <|im_start|>B<|im_end|>`
-(one pair per segment, separators kept outside), `<|im_start|>A <|im_start|>B` becomes
+So a line of closing markers only, `A<|im_end|> B<|im_end|>`, becomes
+`<|im_start|>A<|im_end|> <|im_start|>B<|im_end|>` (one pair per segment, separators kept outside), `<|im_start|>A <|im_start|>B` becomes
 `<|im_start|>A<|im_end|> <|im_start|>B<|im_end|>`, and a line already in pretrain_hq's shape is left as it is.
 auto only adds: markers already in the text stay as written, even a stray one with no segment beside it.
 """
@@ -78,14 +78,13 @@ def mark_text(text: str, policy: str, bos: str, eos: str) -> Tuple[str, MarkerCo
     return text, count
 
 
-def summary(meta: dict) -> str:
+def summary(m: dict) -> str:
     """One line for a data summary from a cache's meta["markers"]: the policy and what it added."""
-    m = meta
     held = f"{m['texts_with_markers']} of {m['texts']} texts carried their own"
     if m["policy"] == "never":
         return f"never: none added ({held}; {m['segments']} segments)"
     if m["policy"] == "always":
-        doubled = f", now doubled there" if m["texts_with_markers"] else ""
+        doubled = ", now doubled there" if m["texts_with_markers"] else ""
         return f"always: a pair around each of {m['texts']} texts ({held}{doubled})"
     return (f"auto: {m['im_start_added']} <|im_start|> and {m['im_end_added']} <|im_end|> added for "
             f"{m['segments']} segments ({held})")

@@ -1,6 +1,6 @@
 """Side by side with MiniMind2's own trainer: the same run loss for loss, and the same step time for time (CPU).
 
-    python -m bench.vs_minimind2 --minimind DIR [--mode parity|speed|both] [--out OUTDIR]
+    python -m bench.vs_minimind2 --minimind DIR [--mode parity|step|speed|all] [--out OUTDIR]
 
 DIR is a checkout of MiniMind2 (jingyaogong/minimind at 561979c, April 2025, the MiniMind2 release). Its
 trainer/train_pretrain.py runs unchanged, from DIR/trainer, in its own process; nothing of it is copied here. It
@@ -14,25 +14,29 @@ global optimizer-step hook records the wall and CPU clock at every AdamW step, a
 weight file written (both trainers overwrite one file).
 
 Data: real text in pretrain_hq.jsonl's shape. Paragraphs of the MiniMind2 checkout's README.md (Chinese) and
-README_en.md, and of Python's own reference documentation (pydoc_data.topics, shipped with every Python), markdown
-and code stripped, cut into sentences; sentences are grouped into segments of at most SEGMENT_CHARS characters, three
+README_en.md, of Python's own reference documentation (pydoc_data.topics, shipped with every Python) and of the
+docstrings of its standard library's top-level modules, markdown and code stripped, cut into sentences; sentences are grouped into segments of at most SEGMENT_CHARS characters, three
 segments to a line, each written <|im_start|>...<|im_end|>, separated by a space; the lines are shuffled once
 (seed 0). The training file holds (steps - 1) * batch + batch / 2 lines (so the last batch is partial, which
 MiniMind2 keeps); the held-out file the next --heldout lines.
 
-parity: 100 steps (--steps) of a small model (--hidden_size 256, 4 layers, --max_seq_len 256, batch 8), CPU, fp32,
+parity: 100 steps (--steps) of a small model (--hidden_size 256, 4 layers, --max_seq_len 128, batch 8), CPU, fp32,
 lr 5e-4, no accumulation, grad clip 1, every step logged, weights saved every 20 steps. Compared: the loss MiniMind2
 prints at each step (3 decimals) with ours at that step, and the held-out loss of every saved checkpoint (the fp16
 weight files each trainer wrote, evaluated by one function: mean next-token cross-entropy over every non-pad target
 of the held-out lines, one line per row, fp32) to 4 decimals.
+
+step: MiniMind2's training step (its model, imported from DIR, under the lines of its training loop) and ours
+(engine.train_step) in one process, alternating step by step on the same padded batch for --step_pairs pairs, so a
+load change on the machine hits both alike; reported: the median of the per-pair ratios (CPU time and wall) and
+their quartiles. This is the fine measure on a shared machine.
 
 speed: --rounds rounds of one run of each trainer (--speed_steps steps on the first lines of the training file, no
 saving, log every 100 steps as both default), in alternating order (ABBA...), so a load change on the machine hits
 both. A run's step time is the median interval between consecutive optimizer steps after the first
 --warmup_steps (data loading, forward, backward, clip, AdamW, logging: each trainer's whole loop); the round's ratio
 is ours / MiniMind2's. Reported: every round's ratio (wall clock and process CPU time), their median and spread.
---threads N pins both trainers to N torch threads, in both modes (1 makes CPU time a stable measure on a shared
-machine).
+--threads N pins both to N torch threads, in every mode (1 makes CPU time a stable measure on a shared machine).
 """
 import argparse
 import json
@@ -58,6 +62,7 @@ MINIMIND2_SWITCHES = ["--no_pack", "--init", "minimind2", "--shuffle", "0", "--s
 # --------------------------------------------------------------------------------------------------- data
 
 def _markdown_paragraphs(text):
+    """A README's prose paragraphs (hard-wrapped lines joined, list items apart); code, html, tables left out."""
     text = re.sub(r"```.*?```", "\n\n", text, flags=re.S)  # code blocks
     text = re.sub(r"<[^>]+>", " ", text)  # html
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)  # links and images -> their text
@@ -356,6 +361,87 @@ def speed(cfg, minimind_dir, work):
     return out
 
 
+def step_speed(cfg, minimind_dir, work):
+    """MiniMind2's training step and ours in this one process, alternating step by step on the same padded batch
+    (the first --batch_size lines of the training text), so both see the same machine. MiniMind2's step is its
+    model (imported from DIR/model) under the lines of its train_epoch: logits, cross-entropy with reduction none
+    times the pad mask over the mask's sum, plus aux loss, backward, clip_grad_norm_ 1.0, AdamW (torch's defaults),
+    zero_grad. Ours is engine.train_step on pretrain.lm_loss (what the engine's loop calls). Both models start
+    from the same weights (--init minimind2). Returns the median times and the median of the per-pair ratios."""
+    import torch
+    import torch.nn.functional as F
+
+    from minimind.config import MiniMindConfig
+    from minimind.model import MiniMindForCausalLM
+    from minimind.tokenizer import load_tokenizer
+    from train import engine, pretrain
+    from train.distributed import Dist
+    from types import SimpleNamespace
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sys.path.insert(0, minimind_dir)
+    from model.model_minimind import MiniMindConfig as MiniMind2Config, MiniMindForCausalLM as MiniMind2Model
+    train = os.path.join(work, "train.jsonl")
+    if not os.path.exists(train):
+        train, _ = make_data(minimind_dir, work, cfg.batch_size, 2, 0)
+    tok = load_tokenizer(os.path.join(minimind_dir, "model"))
+    with open(train, encoding="utf-8") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(cfg.batch_size)]
+    T = cfg.max_seq_len
+    ids = torch.tensor([(tok.encode(t)[:T] + [tok.pad_id] * T)[:T] for t in texts])
+    X, Y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    loss_mask = (Y != tok.pad_id).long()
+
+    torch.manual_seed(MINIMIND2_SEED)
+    theirs = MiniMind2Model(MiniMind2Config(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers))
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.learning_rate)
+
+    def their_step():
+        res = theirs(X)
+        loss = F.cross_entropy(res.logits.view(-1, res.logits.size(-1)), Y.view(-1), reduction="none").view(Y.size())
+        loss = (loss * loss_mask).sum() / loss_mask.sum() + res.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_opt.step()
+        their_opt.zero_grad(set_to_none=True)
+        return loss
+
+    config = MiniMindConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                            vocab_size=tok.vocab_size)
+    ours = MiniMindForCausalLM(config, kernels="torch").init_minimind2_(MINIMIND2_SEED)
+    params = list(ours.parameters())
+    our_opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
+    run = engine.Run(SimpleNamespace(kernels="torch", attn="sdpa", out_dir=work), config, tok, torch.device("cpu"),
+                     torch.float32, Dist())
+    step_module = engine.StageStep(ours, pretrain.lm_loss, run)
+    labels = ids.masked_fill(ids == tok.pad_id, -100)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": (ids != tok.pad_id).long()}
+
+    def our_step():
+        return engine.train_step(step_module, [batch], our_opt, params, cfg.learning_rate, grad_clip=1.0)[0]
+
+    times, first = {"minimind2": [], "ours": []}, {}
+    for i in range(cfg.warmup_steps + cfg.step_pairs):
+        order = (("minimind2", their_step), ("ours", our_step))
+        for name, step in (order if i % 2 == 0 else order[::-1]):
+            w, c = time.perf_counter(), time.process_time()
+            loss = step()
+            first.setdefault(name, float(loss))  # the same weights and batch: the same first loss
+            if i >= cfg.warmup_steps:
+                times[name].append((time.perf_counter() - w, time.process_time() - c))
+    out = {"pairs": cfg.step_pairs, "threads": cfg.threads or "torch default",
+           "pad_fraction": float(1 - loss_mask.float().mean()), "first_loss": first}
+    for k, clock in enumerate(("wall", "cpu")):
+        for name in times:
+            out[f"{name}_{clock}_s"] = statistics.median(t[k] for t in times[name])
+        ratios = sorted(o[k] / m[k] for o, m in zip(times["ours"], times["minimind2"]))
+        out[f"ratio_{clock}_median"] = statistics.median(ratios)
+        out[f"ratio_{clock}_quartiles"] = (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])
+    print(f"  step: ours {out['ours_cpu_s'] * 1e3:.0f} ms / MiniMind2 {out['minimind2_cpu_s'] * 1e3:.0f} ms CPU per "
+          f"step, median pair ratio {out['ratio_cpu_median']:.3f}", flush=True)
+    return out
+
+
 def markdown(doc):
     from bench import report
     c = doc["config"]
@@ -377,6 +463,16 @@ def markdown(doc):
             lines += ["Ours with one switch left out (held-out loss of its last weights):", "",
                       report.markdown_table(p["ablations"], [("run", "run"), ("steps", "steps"),
                                                              ("held-out", f4("heldout"))]), ""]
+    s = doc.get("step")
+    if s:
+        lines += [f"One training step in one process, alternating ({s['pairs']} pairs, {s['threads']} threads, pad "
+                  f"fraction {s['pad_fraction']:.2f}): MiniMind2 {s['minimind2_cpu_s'] * 1e3:.0f} ms, ours "
+                  f"{s['ours_cpu_s'] * 1e3:.0f} ms CPU time; ours / MiniMind2 per pair: CPU time median "
+                  f"{s['ratio_cpu_median']:.3f} (quartiles {s['ratio_cpu_quartiles'][0]:.3f}-"
+                  f"{s['ratio_cpu_quartiles'][1]:.3f}), wall median {s['ratio_wall_median']:.3f} (quartiles "
+                  f"{s['ratio_wall_quartiles'][0]:.3f}-{s['ratio_wall_quartiles'][1]:.3f}). First losses (same "
+                  f"weights, same batch): MiniMind2 {s['first_loss']['minimind2']:.6f}, ours "
+                  f"{s['first_loss']['ours']:.6f}.", ""]
     s = doc.get("speed")
     if s:
         lines += [f"Step time, ours / MiniMind2, {len(s['rounds'])} interleaved rounds ({s['threads']} threads): "
@@ -393,7 +489,7 @@ def markdown(doc):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Our trainer beside MiniMind2's own, on the CPU: losses and step time.")
     p.add_argument("--minimind", required=True, help=f"a MiniMind2 checkout (jingyaogong/minimind {MINIMIND2_COMMIT})")
-    p.add_argument("--mode", default="both", choices=("parity", "speed", "both"))
+    p.add_argument("--mode", default="all", choices=("parity", "speed", "step", "all"))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=5e-4)
@@ -407,6 +503,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=6, help="speed: runs of each trainer, interleaved")
     p.add_argument("--speed_steps", type=int, default=40)
     p.add_argument("--warmup_steps", type=int, default=5)
+    p.add_argument("--step_pairs", type=int, default=30, help="step: timed pairs of steps, alternating")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of both trainers (default torch's; 1 keeps a shared machine's noise down)")
     p.add_argument("--work", default=None, help="keep the runs' files here (default: a temporary folder)")
@@ -420,9 +517,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="vs_minimind2-") as tmp:
         work = cfg.work or tmp
         os.makedirs(work, exist_ok=True)
-        if cfg.mode in ("parity", "both"):
+        if cfg.mode in ("parity", "all"):
             doc["parity"] = parity(cfg, cfg.minimind, work)
-        if cfg.mode in ("speed", "both"):
+        if cfg.mode in ("step", "all"):
+            doc["step"] = step_speed(cfg, cfg.minimind, work)
+        if cfg.mode in ("speed", "all"):
             doc["speed"] = speed(cfg, cfg.minimind, work)
     text = markdown(doc)
     print(text)

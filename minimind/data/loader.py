@@ -185,9 +185,9 @@ class Loader:
         out = {"kind": self.kind, "batches": len(self), "tokens": int(useful), "padded_tokens": int(padded),
                "padding_fraction": float((padded - useful) / padded) if padded else 0.0,
                "records": self.cache.meta["records"], "skipped_records": self.cache.meta["skipped_records"]}
-        if "markers" in self.cache.meta:
-            out["markers"] = pretrain_markers.summary(self.cache.meta["markers"])
         out.update(self._extra_stats())
+        if "markers" in self.cache.meta:  # last: the data line a stage prints ends with it
+            out["markers"] = pretrain_markers.summary(self.cache.meta["markers"])
         return out
 
     def _extra_stats(self) -> dict:

@@ -20,6 +20,9 @@ segments to a line, each written <|im_start|>...<|im_end|>, separated by a space
 (seed 0). The training file holds (steps - 1) * batch + batch / 2 lines (so the last batch is partial, which
 MiniMind2 keeps); the held-out file the next --heldout lines.
 
+Every mode first compares --init minimind2 with MiniMind2's model (imported from DIR/model) built under
+torch.manual_seed(1337), dense and MoE, at the bench's model size: the state dicts must be bit-identical.
+
 parity: 100 steps (--steps) of a small model (--hidden_size 256, 4 layers, --max_seq_len 128, batch 8), CPU, fp32,
 lr 5e-4, no accumulation, grad clip 1, every step logged, weights saved every 20 steps. Compared: the loss MiniMind2
 prints at each step (3 decimals) with ours at that step, and the held-out loss of every saved checkpoint (the fp16
@@ -328,6 +331,28 @@ def parity(cfg, minimind_dir, work):
             "train_lines": cfg.batch_size * (cfg.steps - 1) + max(1, cfg.batch_size // 2), "heldout_lines": cfg.heldout}
 
 
+def init_check(cfg, minimind_dir):
+    """--init minimind2 against MiniMind2's own model: MiniMind2's MiniMindForCausalLM built right after
+    torch.manual_seed(MINIMIND2_SEED) (as its trainer does), dense and MoE, and ours after init_minimind2_ with that
+    seed. Returns per model: the tensors compared and the names of those that are not bit-identical."""
+    import torch
+
+    from minimind.config import MiniMindConfig
+    from minimind.model import MiniMindForCausalLM
+    sys.path.insert(0, minimind_dir)
+    from model.model_minimind import MiniMindConfig as MiniMind2Config, MiniMindForCausalLM as MiniMind2Model
+    out = {}
+    for name, moe in (("dense", False), ("moe", True)):
+        shape = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, use_moe=moe)
+        torch.manual_seed(MINIMIND2_SEED)
+        theirs = MiniMind2Model(MiniMind2Config(**shape)).state_dict()
+        ours = MiniMindForCausalLM(MiniMindConfig(**shape)).init_minimind2_(MINIMIND2_SEED).state_dict()
+        if set(theirs) != set(ours):
+            raise RuntimeError(f"{name}: the two state dicts name different tensors: {sorted(set(theirs) ^ set(ours))}")
+        out[name] = {"tensors": len(theirs), "differ": [k for k in theirs if not torch.equal(theirs[k], ours[k])]}
+    return out
+
+
 def _step_time(rec, warmup, clock):
     t = [s[clock] for s in rec["steps"]][warmup:]
     return statistics.median(b - a for a, b in zip(t, t[1:]))
@@ -451,6 +476,9 @@ def markdown(doc):
              f"Model hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, seq {c['max_seq_len']}, batch "
              f"{c['batch_size']}, lr {c['learning_rate']}; MiniMind2 at {MINIMIND2_COMMIT}; ours with "
              f"`{' '.join(MINIMIND2_SWITCHES)}`.", ""]
+    lines += ["`--init minimind2` against MiniMind2's model built under torch.manual_seed(1337): " + "; ".join(
+        f"{name} {len(r['differ']) or 'all'} of {r['tensors']} tensors {'differ' if r['differ'] else 'bit-identical'}"
+        for name, r in doc["init"].items()) + ".", ""]
     p = doc.get("parity")
     if p:
         n, f4 = len(p["per_step"]), (lambda key: lambda r: f"{r[key]:.4f}" if key in r else "-")
@@ -519,6 +547,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="vs_minimind2-") as tmp:
         work = cfg.work or tmp
         os.makedirs(work, exist_ok=True)
+        doc["init"] = init_check(cfg, cfg.minimind)
         if cfg.mode in ("parity", "all"):
             doc["parity"] = parity(cfg, cfg.minimind, work)
         if cfg.mode in ("step", "all"):

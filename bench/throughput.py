@@ -14,7 +14,8 @@ Variants (same step, configured differently):
                     fp16 autocast + GradScaler, one document per row padded to seq_len (pads get no loss; like
                     MiniMind2, no attention mask: pads sit after the text, so causal attention keeps them out),
                     MiniMind2's initial weights: the switches of bench/vs_minimind2.py's side-by-side run
-                    (--no_pack, --init minimind2 with its seed; file order does not apply to a fixed batch).
+                    (--no_pack: each row fed without its last token, as MiniMind2 does; --init minimind2 with
+                    its seed; file order does not apply to a fixed batch).
                     It keeps the engine's fused AdamW (MiniMind2's default AdamW is slower): speedups understate.
                     For the minimind-3 presets it is minimind-3's trainer, the same but in bf16 autocast without the
                     GradScaler (minimind-3's train scripts honour --dtype, default bfloat16).
@@ -139,7 +140,8 @@ class TrainStep:
         from train import engine, pretrain
         from train.distributed import Dist
         self.dtype = engine.DTYPES[variant.dtype]
-        args = SimpleNamespace(kernels=variant.kernels, attn="sdpa", out_dir=tempfile.gettempdir())
+        args = SimpleNamespace(kernels=variant.kernels, attn="sdpa", out_dir=tempfile.gettempdir(),
+                               no_pack=variant.padded)  # padded rows go in without their last token, as MiniMind2's
         self.run = engine.Run(args, cfg, None, device, self.dtype, Dist())
         self.model = MiniMindForCausalLM(cfg, kernels=variant.kernels, attn="sdpa")
         if variant.init == "minimind2":

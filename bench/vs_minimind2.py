@@ -393,8 +393,9 @@ def step_speed(cfg, minimind_dir, work):
     (the first --batch_size lines of the training text), so both see the same machine. MiniMind2's step is its
     model (imported from DIR/model) under the lines of its train_epoch: logits, cross-entropy with reduction none
     times the pad mask over the mask's sum, plus aux loss, backward, clip_grad_norm_ 1.0, AdamW (torch's defaults),
-    zero_grad. Ours is engine.train_step on pretrain.lm_loss (what the engine's loop calls). Both models start
-    from the same weights (--init minimind2). Returns the median times and the median of the per-pair ratios."""
+    zero_grad. Ours is engine.train_step on pretrain.lm_loss under --no_pack (what the engine's loop calls; each
+    row goes in without its last token, as MiniMind2's X = ids[:-1]). Both models start from the same weights
+    (--init minimind2). Returns the median times and the median of the per-pair ratios."""
     import torch
     import torch.nn.functional as F
 
@@ -438,7 +439,7 @@ def step_speed(cfg, minimind_dir, work):
     ours = MiniMindForCausalLM(config, kernels="torch").init_minimind2_(MINIMIND2_SEED)
     params = list(ours.parameters())
     our_opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
-    run = engine.Run(SimpleNamespace(kernels="torch", attn="sdpa", out_dir=work), config, tok, torch.device("cpu"),
+    run = engine.Run(SimpleNamespace(kernels="torch", attn="sdpa", out_dir=work, no_pack=True), config, tok, torch.device("cpu"),
                      torch.float32, Dist())
     step_module = engine.StageStep(ours, pretrain.lm_loss, run)
     labels = ids.masked_fill(ids == tok.pad_id, -100)

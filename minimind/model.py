@@ -278,9 +278,12 @@ class CausalLMOutput:
     logits: Optional[torch.Tensor] = None  # None when a loss was computed and return_logits was not asked for
 
 
-def shift_labels(labels, ignore_index=-100):
-    """(B, T) labels aligned with input_ids -> targets for each position: labels[:, t + 1], ignore at the end."""
-    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+def shift_labels(labels, ignore_index=-100, positions=None):
+    """Labels -> the target of each of `positions` input positions (default: labels' length T): labels[:, t + 1],
+    ignore_index where the row has none. labels (B, T) aligned with input_ids, or (B, T + 1) when the input stops
+    one short of its row (then the row's last label is the last position's target, and nothing is ignored)."""
+    T = labels.shape[1] if positions is None else positions
+    return F.pad(labels[:, 1:T + 1], (0, T + 1 - labels.shape[1]), value=ignore_index)
 
 
 class MiniMindForCausalLM(nn.Module):
@@ -374,15 +377,19 @@ class MiniMindForCausalLM(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, loss_weights=None, return_logits=None,
                 logits_to_keep=0):
-        """input_ids (B, T); labels (B, T) aligned with input_ids, -100 where ignored (shifted here);
-        loss_weights (B, T) per-label weights, aligned like labels. logits_to_keep: only the last n positions'
-        logits (0 = all)."""
+        """input_ids (B, T); labels (B, T) aligned with input_ids, -100 where ignored (shifted here), or (B, T + 1):
+        a row's labels when input_ids is the row without its last token, whose prediction has no target (what
+        MiniMind2's trainer feeds: the same loss for 1/T less work); loss_weights per-label weights, shaped like
+        labels. logits_to_keep: only the last n positions' logits (0 = all)."""
+        T = input_ids.shape[1]
+        if labels is not None and labels.shape[1] not in (T, T + 1):
+            raise ValueError(f"labels have {labels.shape[1]} positions for {T} input positions (want {T} or {T + 1})")
         hidden, aux = self.model(input_ids, attention_mask)
         out = CausalLMOutput(aux_loss=aux)
         if labels is not None:
             H = hidden.shape[-1]
-            targets = shift_labels(labels).reshape(-1)
-            weights = None if loss_weights is None else shift_labels(loss_weights, 0).reshape(-1)
+            targets = shift_labels(labels, positions=T).reshape(-1)
+            weights = None if loss_weights is None else shift_labels(loss_weights, 0, positions=T).reshape(-1)
             out.lm_loss = self.ops.linear_cross_entropy(hidden.reshape(-1, H), self.lm_head.weight, targets,
                                                         token_weights=weights)
             out.loss = out.lm_loss + aux

@@ -101,6 +101,28 @@ def test_labels_ignore_and_weights():
     assert (lp[:, 0] == 0).all()
 
 
+def test_a_row_without_its_last_token_has_the_same_loss_and_gradients():
+    """labels one longer than input_ids (pretraining --no_pack, MiniMind2's X = ids[:-1]): the last position's
+    prediction has no target, so the loss and every gradient match the full row's, and labels of another length
+    are refused."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(tiny())
+    ids = torch.randint(0, 97, (3, 11))
+    labels = ids.masked_fill(torch.arange(11) >= torch.tensor([[11], [7], [4]]), -100)  # right-padded rows
+    full = model(ids, labels=labels)
+    full_grads = torch.autograd.grad(full.loss, list(model.parameters()))
+    cut = model(ids[:, :-1], labels=labels)
+    cut_grads = torch.autograd.grad(cut.loss, list(model.parameters()))
+    logits = model(ids[:, :-1]).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), labels[:, 1:].reshape(-1))  # every target kept
+    torch.testing.assert_close(cut.loss, ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cut.loss, full.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cut_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="12 positions for 10 input positions"):
+        model(ids[:, :-1], labels=torch.cat([labels, labels[:, :1]], 1))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_causality(kind):
     torch.manual_seed(0)

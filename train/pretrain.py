@@ -15,8 +15,14 @@ def lm_loss(model, batch, run):
     """Mean next-token cross-entropy (plus the MoE auxiliary loss), computed from the hidden states.
 
     No attention mask: training rows are packed or right-padded, so causal attention already keeps every position
-    that carries loss away from the pads, and the unmasked attention path is the fast one (no host sync)."""
-    out = model(batch["input_ids"], labels=batch["labels"])
+    that carries loss away from the pads, and the unmasked attention path is the fast one (no host sync).
+    --no_pack (MiniMind2's padded rows) feeds each row without its last token, as MiniMind2 does (X = ids[:-1]):
+    that position's prediction has no target, so the loss is the same and the step does 1/T less work (the MoE
+    aux loss then counts the T - 1 tokens MiniMind2's does)."""
+    ids = batch["input_ids"]
+    if getattr(run.args, "no_pack", False):
+        ids = ids[:, :-1]
+    out = model(ids, labels=batch["labels"])
     return out.loss, {"aux_loss": out.aux_loss.detach()}
 
 

@@ -454,7 +454,7 @@ def step_speed(cfg, minimind_dir, work):
         for name, step in (order if i % 2 == 0 else order[::-1]):
             w, c = time.perf_counter(), time.process_time()
             loss = step()
-            first.setdefault(name, float(loss))  # the same weights and batch: the same first loss
+            first.setdefault(name, float(loss.detach()))  # the same weights and batch: the same first loss
             if i >= cfg.warmup_steps:
                 times[name].append((time.perf_counter() - w, time.process_time() - c))
     out = {"pairs": cfg.step_pairs, "threads": cfg.threads or "torch default",

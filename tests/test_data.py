@@ -261,6 +261,21 @@ def test_plain_text_gets_one_pair_under_auto_and_always(tok, pretrain_file):
     assert marker_runs(auto.tokens, tok) == [tok.bos_id, tok.eos_id] * 300
 
 
+@pytest.mark.parametrize("folder", ["minimind-tokenizer", "minimind3-tokenizer"])
+def test_real_tokenizers_see_one_pair_per_segment(folder, marked_file):
+    """MiniMind2's and minimind-3's real tokenizers: the file's own markers are their <|im_start|>/<|im_end|> ids, so
+    auto leaves pretrain_hq's lines as they are and wraps plain text, with no doubled marker in the packed rows."""
+    from tests.reference_files import reference_folder
+    real = load_tokenizer(reference_folder(folder))
+    path, lines = marked_file
+    loader = build_loader("pretrain", path, real, max_seq_len=40, batch_size=3, cache_dir=path.parent / folder)
+    stream = np.asarray(loader.cache.tokens, dtype=np.int64)
+    assert marker_runs(stream, real) == [real.bos_id, real.eos_id] * 131 and doubled(stream, real) == 0
+    assert all(doubled(row, real) == 0 for b in loader for row in b["input_ids"].numpy())
+    assert loader.cache.sequence(0)[0].tolist() == real.encode(lines[0])
+    assert loader.cache.sequence(49)[0].tolist() == [real.bos_id] + real.encode(lines[49]) + [real.eos_id]
+
+
 def test_a_marker_policy_change_rebuilds_the_cache(tok, marked_file):
     path, _ = marked_file
     auto = load_token_cache(path, "pretrain", tok)

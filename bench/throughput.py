@@ -12,7 +12,10 @@ fp16), unscale, clip_grad_norm_ 1.0, AdamW (fused on CUDA), zero_grad. TrainStep
 Variants (same step, configured differently):
     minimind2       MiniMind2's trainer: torch kernels (full fp32 logits for the loss, per-expert MoE loop), eager,
                     fp16 autocast + GradScaler, one document per row padded to seq_len (pads get no loss; like
-                    MiniMind2, no attention mask: pads sit after the text, so causal attention keeps them out).
+                    MiniMind2, no attention mask: pads sit after the text, so causal attention keeps them out),
+                    MiniMind2's initial weights: the switches of bench/vs_minimind2.py's side-by-side run
+                    (--no_pack: each row fed without its last token, as MiniMind2 does; --init minimind2 with
+                    its seed; file order does not apply to a fixed batch).
                     It keeps the engine's fused AdamW (MiniMind2's default AdamW is slower): speedups understate.
                     For the minimind-3 presets it is minimind-3's trainer, the same but in bf16 autocast without the
                     GradScaler (minimind-3's train scripts honour --dtype, default bfloat16).
@@ -43,6 +46,7 @@ Speedups are ratios of useful tokens/s against the minimind2 step of the same pr
 same run; "same-token speedup" compares processed (padded) tokens/s, i.e. what the kernels alone buy.
 """
 import argparse
+import dataclasses
 import gc
 import os
 import statistics
@@ -65,10 +69,11 @@ class Variant:
     dtype: str        # engine.DTYPES key
     compile: bool
     padded: bool
+    init: str = "normal"  # MiniMindForCausalLM's own normal(0, 0.02), or "minimind2" (init_minimind2_)
 
 
 VARIANTS = {v.name: v for v in (
-    Variant("minimind2", "torch", "fp16", False, True),
+    Variant("minimind2", "torch", "fp16", False, True, init="minimind2"),
     Variant("torch", "torch", "bf16", False, False),
     Variant("torch+compile", "torch", "bf16", True, False),
     Variant("liger", "liger", "bf16", False, False),
@@ -135,9 +140,14 @@ class TrainStep:
         from train import engine, pretrain
         from train.distributed import Dist
         self.dtype = engine.DTYPES[variant.dtype]
-        args = SimpleNamespace(kernels=variant.kernels, attn="sdpa", out_dir=tempfile.gettempdir())
+        args = SimpleNamespace(kernels=variant.kernels, attn="sdpa", out_dir=tempfile.gettempdir(),
+                               no_pack=variant.padded)  # padded rows go in without their last token, as MiniMind2's
         self.run = engine.Run(args, cfg, None, device, self.dtype, Dist())
-        self.model = MiniMindForCausalLM(cfg, kernels=variant.kernels, attn="sdpa").to(device)
+        self.model = MiniMindForCausalLM(cfg, kernels=variant.kernels, attn="sdpa")
+        if variant.init == "minimind2":
+            from bench.vs_minimind2 import MINIMIND2_SEED
+            self.model.init_minimind2_(MINIMIND2_SEED)
+        self.model.to(device)
         self.model.train()
         self.params = [p for p in self.model.parameters()]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay,
@@ -342,7 +352,7 @@ def main(argv=None):
         if name == "minimind2" and PRESETS[preset].get("qk_norm"):  # minimind-3's trainer: bf16, no GradScaler
             v = Variant(v.name, v.kernels, "bf16", v.compile, v.padded)
         if args.cpu_smoke:  # fp32 on the CPU: no fp16 loss scaling there, and it only proves the harness
-            v = Variant(v.name, v.kernels, "fp32", v.compile, v.padded)
+            v = dataclasses.replace(v, dtype="fp32")
         row = {"preset": preset, "seq_len": seq_len, "batch_size": batch_size, "variant": name,
                "kernels": v.kernels, "dtype": v.dtype, "compile": v.compile, "padded": v.padded}
         left = deadline - time.monotonic() if deadline else None

@@ -65,16 +65,16 @@ def swiglu(gate, up):
 
 
 def _token_losses(hidden, weight, labels, ignore_index, z_loss):
-    """Per-token loss lse - logit[label] (+ z_loss * lse^2) and the validity mask. Materialises (N, V) logits."""
+    """Per-token loss lse - logit[label] (+ z_loss * lse^2), 0 where ignored, and the validity mask. Materialises
+    (N, V) logits. F.cross_entropy is that loss (log-softmax fused, so its backward is one pass over the logits
+    rather than logsumexp's and gather's separate ones)."""
     logits = F.linear(hidden, weight).float()
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(1, safe[:, None]).squeeze(1)
-    loss = lse - target
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     if z_loss:
-        loss = loss + z_loss * lse.pow(2)
-    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * torch.where(valid, lse, torch.zeros_like(lse)).pow(2)
+    return loss, valid
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, token_weights=None, reduction="mean",

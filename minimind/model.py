@@ -278,9 +278,12 @@ class CausalLMOutput:
     logits: Optional[torch.Tensor] = None  # None when a loss was computed and return_logits was not asked for
 
 
-def shift_labels(labels, ignore_index=-100):
-    """(B, T) labels aligned with input_ids -> targets for each position: labels[:, t + 1], ignore at the end."""
-    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+def shift_labels(labels, ignore_index=-100, positions=None):
+    """Labels -> the target of each of `positions` input positions (default: labels' length T): labels[:, t + 1],
+    ignore_index where the row has none. labels (B, T) aligned with input_ids, or (B, T + 1) when the input stops
+    one short of its row (then the row's last label is the last position's target, and nothing is ignored)."""
+    T = labels.shape[1] if positions is None else positions
+    return F.pad(labels[:, 1:T + 1], (0, T + 1 - labels.shape[1]), value=ignore_index)
 
 
 class MiniMindForCausalLM(nn.Module):
@@ -320,6 +323,48 @@ class MiniMindForCausalLM(nn.Module):
             for p in (module.w_gate, module.w_up, module.w_down):
                 nn.init.normal_(p, std=0.02)
 
+    @torch.no_grad()
+    def init_minimind2_(self, seed: int):
+        """Overwrite the weights with MiniMind2's initial ones for `seed`: what MiniMind2's model holds when built
+        right after torch.manual_seed(seed) (its trainer uses 1337). MiniMind2 keeps PyTorch's defaults: every
+        linear weight (and the MoE router) kaiming_uniform_(a=sqrt(5)), i.e. uniform(+-1/sqrt(fan_in)); the
+        embedding normal(0, 1), but then the embedding is tied by assigning lm_head's weight to it, so the shared
+        matrix is lm_head's uniform draw; RMSNorm weights 1. The draws come from one generator in MiniMind2's
+        module creation order: embedding; per layer q, k, v, o, then the MLP's gate, down, up (MoE: each routed
+        expert's gate, down, up, then the router, then each shared expert's gate, down, up); lm_head last."""
+        g = torch.Generator().manual_seed(seed)
+
+        def draw(param, index=None, normal=False):
+            t = torch.empty(param.shape[1:] if index is not None else param.shape)
+            if normal:
+                nn.init.normal_(t, generator=g)
+            else:
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g)
+            (param if index is None else param[index]).copy_(t)
+
+        def mlp(gate, down, up, index=None):
+            for w in (gate, down, up):
+                draw(w, index)
+
+        draw(torch.empty(self.model.embed_tokens.weight.shape), normal=True)  # drawn, then replaced by the tie
+        for layer in self.model.layers:
+            attn, ffn = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                draw(proj.weight)
+            if isinstance(ffn, MoEFeedForward):
+                for j in range(ffn.w_gate.shape[0]):
+                    mlp(ffn.w_gate, ffn.w_down, ffn.w_up, j)
+                draw(ffn.gate.weight)
+                for shared in ffn.shared_experts:
+                    mlp(shared.gate_proj.weight, shared.down_proj.weight, shared.up_proj.weight)
+            else:
+                mlp(ffn.gate_proj.weight, ffn.down_proj.weight, ffn.up_proj.weight)
+        draw(self.lm_head.weight)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        return self
+
     def set_kernels(self, kernels: str):
         """Switch every module to another backend (same weights)."""
         ops = get_backend(kernels)
@@ -332,15 +377,19 @@ class MiniMindForCausalLM(nn.Module):
 
     def forward(self, input_ids, labels=None, attention_mask=None, loss_weights=None, return_logits=None,
                 logits_to_keep=0):
-        """input_ids (B, T); labels (B, T) aligned with input_ids, -100 where ignored (shifted here);
-        loss_weights (B, T) per-label weights, aligned like labels. logits_to_keep: only the last n positions'
-        logits (0 = all)."""
+        """input_ids (B, T); labels (B, T) aligned with input_ids, -100 where ignored (shifted here), or (B, T + 1):
+        a row's labels when input_ids is the row without its last token, whose prediction has no target (what
+        MiniMind2's trainer feeds: the same loss for 1/T less work); loss_weights per-label weights, shaped like
+        labels. logits_to_keep: only the last n positions' logits (0 = all)."""
+        T = input_ids.shape[1]
+        if labels is not None and labels.shape[1] not in (T, T + 1):
+            raise ValueError(f"labels have {labels.shape[1]} positions for {T} input positions (want {T} or {T + 1})")
         hidden, aux = self.model(input_ids, attention_mask)
         out = CausalLMOutput(aux_loss=aux)
         if labels is not None:
             H = hidden.shape[-1]
-            targets = shift_labels(labels).reshape(-1)
-            weights = None if loss_weights is None else shift_labels(loss_weights, 0).reshape(-1)
+            targets = shift_labels(labels, positions=T).reshape(-1)
+            weights = None if loss_weights is None else shift_labels(loss_weights, 0, positions=T).reshape(-1)
             out.lm_loss = self.ops.linear_cross_entropy(hidden.reshape(-1, H), self.lm_head.weight, targets,
                                                         token_weights=weights)
             out.loss = out.lm_loss + aux

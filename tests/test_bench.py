@@ -320,6 +320,79 @@ def test_summary_survives_missing_and_broken_parts(tmp_path):
     assert "1 PASSED, 1 FAILED" in text
 
 
+def test_vs_minimind2_data_has_pretrain_hqs_shape(tmp_path):
+    """The side-by-side's text: lines of three <|im_start|>...<|im_end|> segments joined by a space, to which
+    pretraining's default markers add nothing (MiniMind2's trainer adds nothing either)."""
+    from bench import vs_minimind2 as vs
+    from minimind.data import load_token_cache
+    from minimind.tokenizer import load_tokenizer
+    (tmp_path / "README.md").write_text("# MiniMind\n\n此开源项目旨在完全从0开始训练超小语言模型。项目同时开源了极简结构。\n"
+                                        "```python\nprint('code is left out')\n```\n", encoding="utf-8")
+    (tmp_path / "README_en.md").write_text("* This open-source project aims to train a super-small language model\n"
+                                           "  with only 3 RMB cost and 2 hours. It is also a tutorial.\n",
+                                           encoding="utf-8")
+    train, heldout = vs.make_data(str(tmp_path), str(tmp_path), batch_size=4, steps=5, heldout=3)
+    lines = [json.loads(l)["text"] for l in open(train, encoding="utf-8")]
+    assert len(lines) == 4 * 4 + 2 and len(open(heldout, encoding="utf-8").readlines()) == 3  # last batch partial
+    for line in lines:
+        segments = line.split(f"{vs.EOS} {vs.BOS}")
+        assert len(segments) == 3 and line.startswith(vs.BOS) and line.endswith(vs.EOS), line
+        assert line.count(vs.BOS) == line.count(vs.EOS) == 3 and len(line) < 512
+    paragraphs = vs._markdown_paragraphs((tmp_path / "README.md").read_text(encoding="utf-8"))
+    assert paragraphs == ["MiniMind", "此开源项目旨在完全从0开始训练超小语言模型。项目同时开源了极简结构。"]  # no code
+    meta = load_token_cache(train, "pretrain", load_tokenizer()).meta["markers"]
+    assert meta["im_start_added"] == meta["im_end_added"] == 0 and meta["segments"] == 3 * len(lines)
+
+
+def test_vs_minimind2_instrument_and_heldout_loss(tmp_path):
+    """The instrument records one clock pair per optimizer step and keeps every weight file the trainer writes
+    (ours overwrites one file, as MiniMind2's does); held-out loss is the mean cross-entropy of every non-pad target."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from bench import vs_minimind2 as vs
+    from minimind.tokenizer import BUNDLED_TOKENIZER
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{vs.BOS}the river {i} runs north{vs.EOS} {vs.BOS}数据 {i}{vs.EOS}"})
+                            + "\n" for i in range(22)), encoding="utf-8")
+    record = tmp_path / "record"
+    record.mkdir()
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "vs_minimind2.py"), "--instrument", str(record), "--threads",
+           "1", "--", "-m", "train.pretrain", "--data_path", str(data), "--out_dir", str(tmp_path / "out"),
+           "--device", "cpu", "--hidden_size", "64", "--num_hidden_layers", "2", "--max_seq_len", "24",
+           "--batch_size", "4", "--accumulation_steps", "1", "--log_interval", "1", "--save_interval", "2",
+           *vs.MINIMIND2_SWITCHES]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((record / "record.json").read_text())
+    assert len(rec["steps"]) == 6  # 22 lines in batches of 4, the last partial batch kept (--shuffle 0)
+    assert [s for s, _ in rec["weights"]] == [2, 4, 6]  # every 2 steps, and at the end
+    cfg = SimpleNamespace(hidden_size=64, num_hidden_layers=2, max_seq_len=24)
+    got = vs.heldout_loss(rec["weights"][-1][1], str(data), str(BUNDLED_TOKENIZER), cfg)
+    from minimind.config import MiniMindConfig
+    from minimind.model import MiniMindForCausalLM
+    from minimind.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, vocab_size=tok.vocab_size))
+    model.load_state_dict({k: v.float() for k, v in torch.load(rec["weights"][-1][1]).items()})
+    total = count = 0
+    with torch.no_grad():
+        for line in open(data, encoding="utf-8"):
+            ids = torch.tensor(tok.encode(json.loads(line)["text"])[:24])[None]
+            logits = model(ids).logits[0, :-1]
+            total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    assert abs(got - total / count) < 1e-5
+
+
+def test_vs_minimind2_needs_a_minimind2_checkout(tmp_path, capsys):
+    from bench import vs_minimind2 as vs
+    with pytest.raises(SystemExit):
+        vs.main(["--minimind", str(tmp_path)])
+    assert "trainer/train_pretrain.py" in capsys.readouterr().err
+
+
 def test_data_bench_builds_a_given_files_cache_beside_it_once(tmp_path):
     """bench.data --pretrain FILE: the parallel build is the cache training uses (FILE.tokcache), reused when it is
     already there; the in-process build is timed on a copy of the file's first MBs, not on the whole file again."""

@@ -176,6 +176,140 @@ def test_truncation_that_loses_every_target_drops_the_row(tok, tmp_path):
         assert (b["labels"] != -100).any()
 
 
+# ---- pretraining markers (MiniMind2's pretrain_hq already carries them) ----
+
+B, E = "<|im_start|>", "<|im_end|>"
+SEGMENTS = ["鉴别一组中文文章的风格和特点，例如：", "好的，现在帮我查一下今天的天气怎么样?", "The river runs north of the old mill.",
+            "数据 模型 alpha beta", "Oskadra 红色 42", "近年来，人工智能技术迅速发展。"]
+
+
+def marked_line(i, n=3):
+    """A line of pretrain_hq's shape: n segments, each <|im_start|>...<|im_end|>, separated by a space."""
+    return " ".join(f"{B}{SEGMENTS[(i + k) % len(SEGMENTS)]}{E}" for k in range(n))
+
+
+@pytest.fixture
+def marked_file(tmp_path):
+    """40 lines of the real file's shape (2-4 segments), 2 lines with closing markers only, 8 of plain text:
+    131 segments in all."""
+    lines = [marked_line(i, 2 + i % 3) for i in range(40)]
+    lines += [f"{SEGMENTS[0]}{E} {SEGMENTS[1]}{E} {SEGMENTS[2]}{E}", f"{SEGMENTS[3]}{E}"]
+    lines += texts(8, seed=5)
+    assert sum(2 + i % 3 for i in range(40)) + 4 + 8 == 131
+    return write_jsonl(tmp_path / "pretrain_hq.jsonl", [{"text": t} for t in lines]), lines
+
+
+def marker_runs(ids, tok):
+    """The special markers of a token sequence, in order."""
+    return [int(t) for t in ids if t in (tok.bos_id, tok.eos_id)]
+
+
+def doubled(ids, tok):
+    """Places where a marker directly follows the same marker."""
+    ids = np.asarray(ids)
+    return int(sum(((ids[1:] == m) & (ids[:-1] == m)).sum() for m in (tok.bos_id, tok.eos_id)))
+
+
+def test_auto_markers_add_a_pair_only_where_a_segment_lacks_it(tok, marked_file):
+    path, lines = marked_file
+    L = 48
+    loader = build_loader("pretrain", path, tok, max_seq_len=L, batch_size=4, shuffle=False, drop_last=False)
+    rows = np.concatenate([b["input_ids"].numpy().ravel() for b in loader])
+    stream = np.asarray(loader.cache.tokens, dtype=np.int64)
+    np.testing.assert_array_equal(rows, stream[:len(rows)])  # file order: the rows are the stream cut up
+    assert doubled(stream, tok) == 0
+    for b in build_loader("pretrain", path, tok, max_seq_len=L, batch_size=4):
+        assert all(doubled(row, tok) == 0 for row in b["input_ids"].numpy())
+    marks = marker_runs(stream, tok)
+    assert marks == [tok.bos_id, tok.eos_id] * 131  # one pair per segment, always opened then closed
+    # the file's own markers are kept as they are, plain text is wrapped whole, closing-only lines are completed
+    completed = {40: f"{B}{SEGMENTS[0]}{E} {B}{SEGMENTS[1]}{E} {B}{SEGMENTS[2]}{E}", 41: f"{B}{SEGMENTS[3]}{E}"}
+    for i, line in enumerate(lines):
+        seq = loader.cache.sequence(i)[0].tolist()
+        if i < 40:
+            assert seq == tok.encode(line)
+        elif i in completed:
+            assert seq == tok.encode(completed[i])
+        else:
+            assert seq == [tok.bos_id] + tok.encode(line) + [tok.eos_id]
+    m = loader.cache.meta["markers"]
+    assert (m["policy"], m["texts"], m["texts_with_markers"], m["segments"]) == ("auto", 50, 42, 131)
+    assert (m["im_start_added"], m["im_end_added"]) == (4 + 8, 8)
+    assert loader.stats()["markers"] == ("auto: 12 <|im_start|> and 8 <|im_end|> added for 131 segments "
+                                         "(42 of 50 texts carried their own)")
+
+
+def test_always_doubles_the_markers_of_marked_lines_and_never_adds_none(tok, marked_file):
+    path, lines = marked_file
+    always = load_token_cache(path, "pretrain", tok, markers="always")
+    # 40 marked lines doubled at both ends, the closing-only lines at their end: what the old wrapping did
+    assert doubled(always.tokens, tok) == 2 * 40 + 2
+    want = np.concatenate([[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in lines])
+    np.testing.assert_array_equal(always.tokens, want)
+    never = load_token_cache(path, "pretrain", tok, markers="never")
+    np.testing.assert_array_equal(never.tokens, np.concatenate([tok.encode(t) for t in lines]))
+    assert never.meta["markers"]["im_start_added"] == never.meta["markers"]["im_end_added"] == 0
+    loader = build_loader("pretrain", path, tok, max_seq_len=32, batch_size=2, markers="always")
+    assert loader.stats()["markers"].startswith("always: a pair around each of 50 texts (42 of 50")
+
+
+def test_plain_text_gets_one_pair_under_auto_and_always(tok, pretrain_file):
+    auto = load_token_cache(pretrain_file, "pretrain", tok)
+    always = load_token_cache(pretrain_file, "pretrain", tok, markers="always")
+    np.testing.assert_array_equal(auto.tokens, always.tokens)  # minimind-3's wrapping, unchanged
+    assert doubled(auto.tokens, tok) == 0
+    assert marker_runs(auto.tokens, tok) == [tok.bos_id, tok.eos_id] * 300
+
+
+@pytest.mark.parametrize("folder", ["minimind-tokenizer", "minimind3-tokenizer"])
+def test_real_tokenizers_see_one_pair_per_segment(folder, marked_file):
+    """MiniMind2's and minimind-3's real tokenizers: the file's own markers are their <|im_start|>/<|im_end|> ids, so
+    auto leaves pretrain_hq's lines as they are and wraps plain text, with no doubled marker in the packed rows."""
+    from tests.reference_files import reference_folder
+    real = load_tokenizer(reference_folder(folder))
+    path, lines = marked_file
+    loader = build_loader("pretrain", path, real, max_seq_len=40, batch_size=3, cache_dir=path.parent / folder)
+    stream = np.asarray(loader.cache.tokens, dtype=np.int64)
+    assert marker_runs(stream, real) == [real.bos_id, real.eos_id] * 131 and doubled(stream, real) == 0
+    assert all(doubled(row, real) == 0 for b in loader for row in b["input_ids"].numpy())
+    assert loader.cache.sequence(0)[0].tolist() == real.encode(lines[0])
+    assert loader.cache.sequence(49)[0].tolist() == [real.bos_id] + real.encode(lines[49]) + [real.eos_id]
+
+
+def test_a_marker_policy_change_rebuilds_the_cache(tok, marked_file):
+    path, _ = marked_file
+    auto = load_token_cache(path, "pretrain", tok)
+    built = (auto.folder / "meta.json").stat().st_mtime_ns
+    always = load_token_cache(path, "pretrain", tok, markers="always")
+    assert always.folder != auto.folder and always.meta["markers"]["policy"] == "always"
+    assert not np.array_equal(always.tokens, auto.tokens)
+    again = load_token_cache(path, "pretrain", tok, markers="auto")
+    assert again.folder == auto.folder and (again.folder / "meta.json").stat().st_mtime_ns == built  # reused
+    # a cache whose meta names another policy is stale, whatever its folder is called
+    meta = json.loads((auto.folder / "meta.json").read_text())
+    meta["markers"]["policy"] = "never"
+    (auto.folder / "meta.json").write_text(json.dumps(meta))
+    rebuilt = load_token_cache(path, "pretrain", tok)
+    assert rebuilt.meta["markers"]["policy"] == "auto" and np.array_equal(rebuilt.tokens, auto.tokens)
+    with pytest.raises(ValueError, match="markers"):
+        load_token_cache(path, "pretrain", tok, markers="sometimes")
+    # a resume position of one policy does not continue a run of another
+    a = build_loader("pretrain", path, tok, max_seq_len=64, batch_size=2, pack=False)
+    b = build_loader("pretrain", path, tok, max_seq_len=64, batch_size=2, pack=False, markers="never")
+    with pytest.raises(ValueError, match="markers"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_build_cli_takes_the_marker_policy(tok, marked_file, monkeypatch, capsys):
+    from minimind.data.__main__ import main
+    path, _ = marked_file
+    monkeypatch.setattr("sys.argv", ["minimind.data", "--kind", "pretrain", "--data", str(path),
+                                     "--pretrain_markers", "never"])
+    main()
+    out = capsys.readouterr().out
+    assert "pretrain-never-" in out and '"policy": "never"' in out
+
+
 # ---- token cache ----
 
 def test_cache_is_reused_and_rebuilt_when_the_file_changes(tok, pretrain_file, tmp_path):
@@ -304,6 +438,36 @@ def test_state_of_another_setting_is_refused(tok, sft_file):
     b = build_loader("sft", sft_file, tok, max_seq_len=64, batch_size=8)
     with pytest.raises(ValueError, match="batch_size"):
         b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+def test_file_order_keeps_the_last_partial_batch(tok, pretrain_file, sft_file, dpo_file, kind):
+    path = {"pretrain": pretrain_file, "sft": sft_file, "dpo": dpo_file}[kind]
+    for pack in (True, False):
+        n = len(build_loader(kind, path, tok, max_seq_len=32, batch_size=1, pack=pack).items)
+        bs = 7 if n % 7 else 8  # so there is a partial batch to keep
+        ordered = build_loader(kind, path, tok, max_seq_len=32, batch_size=bs, shuffle=False, drop_last=False,
+                               pack=pack)
+        items = ordered.items
+        plan = ordered.plan()
+        np.testing.assert_array_equal(np.concatenate(plan), items)  # every item once, in file order
+        assert [len(b) for b in plan] == [bs] * (n // bs) + [n % bs]
+        ordered.set_epoch(1)
+        assert [b.tolist() for b in ordered.plan()] == [b.tolist() for b in plan]  # no reshuffle per epoch
+        dropped = build_loader(kind, path, tok, max_seq_len=32, batch_size=bs, shuffle=False, pack=pack)
+        assert len(dropped) == n // bs
+        shuffled = build_loader(kind, path, tok, max_seq_len=32, batch_size=bs, pack=pack)
+        with pytest.raises(ValueError, match="shuffle"):
+            shuffled.load_state_dict(ordered.state_dict())
+
+
+def test_file_order_pretrain_rows_are_the_file(tok, pretrain_file):
+    L = 24
+    loader = build_loader("pretrain", pretrain_file, tok, max_seq_len=L, batch_size=8, pack=False, shuffle=False,
+                          drop_last=False)
+    docs = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in texts(300)]
+    rows = [row for b in loader for row in b["input_ids"].tolist()]
+    assert rows == [(d + [0] * L)[:L] for d in docs]
 
 
 # ---- bad input ----

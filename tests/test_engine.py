@@ -262,8 +262,9 @@ def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noq
 
 
 def test_a_run_reports_its_data_its_schedule_and_where_the_weights_went(demo_data, tmp_path, capsys):  # noqa: F811
-    """Before training: a line on the data (every entry of Loader.stats()) and one on the lr schedule (the bar's lr
-    starts at 1.1x --learning_rate); after: steps, final loss and the weight file."""
+    """Before training: a line on the data (every entry of Loader.stats(), last the markers pretraining added: one
+    pair to each of the demo's plain texts) and one on the lr schedule (the bar's lr starts at 1.1x
+    --learning_rate); after: steps, final loss and the weight file."""
     from minimind.data import build_loader
     from minimind.tokenizer import load_tokenizer
     result = pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2))
@@ -271,7 +272,8 @@ def test_a_run_reports_its_data_its_schedule_and_where_the_weights_went(demo_dat
     stats = build_loader("pretrain", demo_data["pretrain"], load_tokenizer(), max_seq_len=64, batch_size=4).stats()
     assert f"(pretrain): {stats['records']:,} records, {stats['tokens']:,} tokens in {stats['batches']:,} batches " \
            f"per epoch, padding 0.0% of {stats['padded_tokens']:,} token slots, skipped records 0, dropped tokens " \
-           f"{stats['dropped_tokens']:,}\n" in out
+           f"{stats['dropped_tokens']:,}, markers auto: {stats['records']} <|im_start|> and {stats['records']} " \
+           f"<|im_end|> added for {stats['records']} segments (0 of {stats['records']} texts carried their own)\n" in out
     assert "--learning_rate 0.003: from 0.0033 (1.1x) down to 0.0003 over 2 steps" in out
     assert "pretrain done: 2 steps in " in out
     assert f"final loss {result['final_loss']:.4f}; weights -> {result['weights_path']}, metrics log -> " \

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -97,6 +99,28 @@ def test_labels_ignore_and_weights():
     lp, _ = model.token_logprobs(ids, labels)
     torch.testing.assert_close(lp[:, 1:], logp * (labels[:, 1:] != -100), rtol=1e-5, atol=1e-6)
     assert (lp[:, 0] == 0).all()
+
+
+def test_a_row_without_its_last_token_has_the_same_loss_and_gradients():
+    """labels one longer than input_ids (pretraining --no_pack, MiniMind2's X = ids[:-1]): the last position's
+    prediction has no target, so the loss and every gradient match the full row's, and labels of another length
+    are refused."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(tiny())
+    ids = torch.randint(0, 97, (3, 11))
+    labels = ids.masked_fill(torch.arange(11) >= torch.tensor([[11], [7], [4]]), -100)  # right-padded rows
+    full = model(ids, labels=labels)
+    full_grads = torch.autograd.grad(full.loss, list(model.parameters()))
+    cut = model(ids[:, :-1], labels=labels)
+    cut_grads = torch.autograd.grad(cut.loss, list(model.parameters()))
+    logits = model(ids[:, :-1]).logits
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), labels[:, 1:].reshape(-1))  # every target kept
+    torch.testing.assert_close(cut.loss, ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cut.loss, full.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cut_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="12 positions for 10 input positions"):
+        model(ids[:, :-1], labels=torch.cat([labels, labels[:, :1]], 1))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -281,6 +305,60 @@ def test_yarn_scaling_changes_long_range_only():
     torch.testing.assert_close(ycos[:, 0], cos[:, 0] * mscale)
     torch.testing.assert_close(ysin[5, 31], torch.sin(torch.tensor(5 * 1e6 ** (-62 / 64) / 4)) * mscale,
                                rtol=1e-4, atol=1e-7)
+
+
+def minimind2_reference_state(cfg, seed):
+    """The state dict MiniMind2's model holds when built right after torch.manual_seed(seed), rebuilt here with
+    plain torch modules created in MiniMind2's order (its MiniMindModel, then lm_head), each keeping PyTorch's
+    default initialisation: nn.Embedding normal(0, 1), nn.Linear and the MoE router kaiming_uniform_(a=sqrt(5)).
+    The embedding is tied by assigning lm_head's weight to it, so the shared matrix is lm_head's."""
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    torch.manual_seed(seed)
+    sd = {}
+    nn = torch.nn
+
+    def mlp(prefix):  # MiniMind2's FeedForward creates gate, down, up, in this order
+        sd[f"{prefix}.gate_proj.weight"] = nn.Linear(H, I, bias=False).weight
+        sd[f"{prefix}.down_proj.weight"] = nn.Linear(I, H, bias=False).weight
+        sd[f"{prefix}.up_proj.weight"] = nn.Linear(H, I, bias=False).weight
+
+    nn.Embedding(V, H)  # model.embed_tokens, replaced by the tie below
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        for name, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            sd[f"{p}.self_attn.{name}_proj.weight"] = nn.Linear(H, out, bias=False).weight
+        sd[f"{p}.self_attn.o_proj.weight"] = nn.Linear(q_out, H, bias=False).weight
+        sd[f"{p}.input_layernorm.weight"] = torch.ones(H)
+        sd[f"{p}.post_attention_layernorm.weight"] = torch.ones(H)
+        if cfg.use_moe:
+            for j in range(cfg.n_routed_experts):
+                mlp(f"{p}.mlp.experts.{j}")
+            router = torch.empty(cfg.n_routed_experts, H)
+            nn.init.kaiming_uniform_(router, a=math.sqrt(5))
+            sd[f"{p}.mlp.gate.weight"] = router
+            for j in range(cfg.n_shared_experts):
+                mlp(f"{p}.mlp.shared_experts.{j}")
+        else:
+            mlp(f"{p}.mlp")
+    sd["model.norm.weight"] = torch.ones(H)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] = nn.Linear(H, V, bias=False).weight
+    return {k: v.detach() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_minimind2_init_is_minimind2s_initial_state(use_moe):
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=300, use_moe=use_moe)
+    for seed in (1337, 7):
+        want = minimind2_reference_state(cfg, seed)
+        torch.manual_seed(123)  # the global generator's state does not matter: the seed does
+        got = MiniMindForCausalLM(cfg).init_minimind2_(seed).state_dict()
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert got["lm_head.weight"].abs().max() <= 1 / 64 ** 0.5  # uniform, not normal(0, 0.02): a real change
+    assert got["lm_head.weight"].std() > 0.5 / 64 ** 0.5
 
 
 # ------------------------------------------------------------------------------- minimind-3 against its spec, by hand

@@ -110,3 +110,45 @@ def test_a_trained_weight_file_opens_by_itself(demo_data, tmp_path):  # noqa: F8
     ids = torch.randint(0, loaded.config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=0, atol=0)
+
+
+def test_pretrain_with_minimind2s_switches_takes_minimind2s_steps(tmp_path):
+    """--no_pack --init minimind2 --shuffle 0 --seed 1337 on a file in pretrain_hq's shape: the engine takes
+    exactly the steps of MiniMind2's pretraining loop, written out here (the file in order with its last partial
+    batch, its initial weights, X = ids[:-1] and Y = ids[1:] with pads masked, its cosine over the epoch's batches,
+    AdamW with torch's defaults, clip 1.0): the same loss at every step. (bench/vs_minimind2.py runs MiniMind2's
+    own trainer beside ours.)"""
+    import json
+    import math
+
+    import torch.nn.functional as F
+    segments = ["the river runs north", "数据和模型", "a small model learns", "近年来发展迅速", "Oskadra is red"]
+    lines = [" ".join(f"<|im_start|>{segments[(i + k) % 5]} {i}<|im_end|>" for k in range(2 + i % 2))
+             for i in range(22)]
+    path = tmp_path / "pretrain_hq.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
+    B, T, lr = 4, 24, 5e-4
+    result = pretrain.main(tiny_flags(tmp_path / "out", path, steps=100, batch_size=B, seq=T, extra=[
+        "--no_pack", "--init", "minimind2", "--shuffle", "0", "--seed", "1337", "--learning_rate", lr]))
+    assert result["steps"] == 6  # ceil(22 / 4): the last batch, of 2 lines, is kept
+
+    tok = load_tokenizer()
+    model = MiniMindForCausalLM(result["model"].config).init_minimind2_(1337)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    want = []
+    for step in range(6):
+        ids = torch.tensor([(tok.encode(t)[:T] + [0] * T)[:T] for t in lines[B * step:B * step + B]])
+        X, Y = ids[:, :-1], ids[:, 1:]
+        mask = (Y != 0).float()
+        logits = model(X).logits
+        loss = (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y.reshape(-1), reduction="none")
+                * mask.reshape(-1)).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * step / 6))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        want.append(loss.item())
+    got = [loss for _, loss in result["losses"]]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)

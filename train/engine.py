@@ -199,6 +199,13 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
                         "Untested on a GPU so far")
     o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
     o.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
+    o.add_argument("--init", default="normal", choices=("normal", "minimind2"),
+                   help="weights of a model trained from scratch: normal(0, 0.02) (ours) | minimind2 (MiniMind2's "
+                        "initial weights for --seed: PyTorch's default inits in MiniMind2's order; its trainer "
+                        "seeds 1337)")
+    o.add_argument("--shuffle", type=_flag_bool, default=True,
+                   help="1: shuffle every epoch (chat kinds length-bucketed), drop the last partial batch; 0: "
+                        "MiniMind2's order, the file in order with the last partial batch kept")
     o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
     o.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
     o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
@@ -755,7 +762,8 @@ def _train(stage, args, device, dist):
     loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
                           batch_size=args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size,
                           pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records,
-                          **augment)
+                          shuffle=args.shuffle, drop_last=args.shuffle,
+                          markers=getattr(args, "pretrain_markers", "auto"), **augment)
     run.loader = loader
     steps_per_epoch = _min_over_processes(len(loader) // args.accumulation_steps, dist, device)
     if steps_per_epoch < 1:
@@ -765,6 +773,8 @@ def _train(stage, args, device, dist):
         run.log(data_summary(args.data_path, loader.stats(), dist.world_size))
 
     model = MiniMindForCausalLM(config, kernels=args.kernels, attn=args.attn)
+    if args.init == "minimind2":
+        model.init_minimind2_(args.seed)
     if start_weights is not None:
         load_weights(model, start_weights)
     model.to(device)

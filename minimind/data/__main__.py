@@ -5,6 +5,7 @@ import sys
 
 from minimind.data.cache import load_token_cache
 from minimind.data.jsonl import DataError
+from minimind.data.markers import POLICIES
 from minimind.tokenizer import load_tokenizer
 
 
@@ -18,10 +19,14 @@ def main():
     ap.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: one per core)")
     ap.add_argument("--skip_bad_records", action="store_true",
                     help="skip and count malformed lines instead of stopping at the first")
+    ap.add_argument("--pretrain_markers", default="auto", choices=POLICIES,
+                    help="pretrain: add <|im_start|>/<|im_end|> only where a text's segments lack them (auto), "
+                         "around every text (always), or never (see minimind/data/markers.py)")
     args = ap.parse_args()
     try:
         cache = load_token_cache(args.data, args.kind, load_tokenizer(args.tokenizer), cache_dir=args.cache_dir,
-                                 skip_bad_records=args.skip_bad_records, num_workers=args.workers)
+                                 skip_bad_records=args.skip_bad_records, num_workers=args.workers,
+                                 markers=args.pretrain_markers)
     except (DataError, OSError, ValueError) as e:  # a bad record (FILE:LINE: ...), a missing file or tokenizer
         print(f"python -m minimind.data: error: {e}", file=sys.stderr)
         sys.exit(2)

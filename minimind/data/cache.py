@@ -10,19 +10,21 @@ A cache folder holds, for N sequences with L tokens in all:
                                   (chat kinds) what the SFT augmentations need (minimind.data.augment)
     records.bin, record_offsets.bin
                                   (rl) each record's prompt messages, tools and answer as JSON (PromptRecords)
-Pretrain sequences are stored wrapped, <|im_start|> text <|im_end|>. Chat (sft, reason) sequences are the rendered
-conversations in the tokenizer's chat format (the records checked by that format's rules). DPO record j is stored as
-sequence 2j (chosen) and 2j + 1 (rejected). RL record j is its generation prompt (every message but the last, then the
-opened assistant turn), stored as sequence V*j + v, v = 0 with thinking off and, for a tokenizer whose template
-switches thinking (V = 2), v = 1 with it on. Sequences are stored whole; the loaders truncate to max_seq_len, so one
-cache serves every sequence length.
+Pretrain sequences are stored with their <|im_start|> ... <|im_end|> markers as the `markers` policy leaves them
+(minimind.data.markers: by default a pair is added only where a text's segments lack it; meta["markers"] says what
+was added). Chat (sft, reason) sequences are the rendered conversations in the tokenizer's chat format (the records
+checked by that format's rules). DPO record j is stored as sequence 2j (chosen) and 2j + 1 (rejected). RL record j
+is its generation prompt (every message but the last, then the opened assistant turn), stored as sequence V*j + v,
+v = 0 with thinking off and, for a tokenizer whose template switches thinking (V = 2), v = 1 with it on. Sequences
+are stored whole; the loaders truncate to max_seq_len, so one cache serves every sequence length.
 
-The folder is `<file>.tokcache/<kind>-<tokenizer hash>/` beside the data (or under cache_dir). It is reused when the
-source's size, mtime and the hashes of its first and last MiB match, and rebuilt otherwise. Building streams the file
-in blocks of lines to worker processes (tokenisation in parallel) and appends their output to the arrays in file
-order, so memory holds a few blocks, never the file. A file lock lets concurrent processes (DDP ranks, parallel
-tests) share one build; the result appears atomically (built in a temporary folder, then renamed), and the next
-build removes what a builder killed mid-way left behind.
+The folder is `<file>.tokcache/<kind>-<tokenizer hash>/` beside the data (or under cache_dir); a pretrain cache is
+`pretrain-<markers>-<tokenizer hash>/`, one per marker policy. It is reused when the source's size, mtime and the
+hashes of its first and last MiB match (and meta's marker policy is the one asked for), and rebuilt otherwise.
+Building streams the file in blocks of lines to worker processes (tokenisation in parallel) and appends their
+output to the arrays in file order, so memory holds a few blocks, never the file. A file lock lets concurrent
+processes (DDP ranks, parallel tests) share one build; the result appears atomically (built in a temporary folder,
+then renamed), and the next build removes what a builder killed mid-way left behind.
 
     python -m minimind.data --kind sft --data sft_512.jsonl --workers 8     # build ahead of training
 """
@@ -37,17 +39,18 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from minimind.chat_template import render
+from minimind.data import markers as pretrain_markers
 from minimind.data.augment import ChatExtras, chat_extras
 from minimind.data.jsonl import DataError, RecordError, iter_line_blocks, parse_record
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 2: chat formats and augmentation arrays; 3: a pretrain cache per marker policy
 MAX_KEPT_ERRORS = 20
 FINGERPRINT_BYTES = 1 << 20  # hashed at each end of the source
 PARALLEL_MIN_BYTES = 8 << 20  # smaller files are tokenised in-process (starting workers costs more)
@@ -67,11 +70,13 @@ def cache_kind(kind: str) -> str:
     return "chat" if kind in ("sft", "reason") else kind  # sft and reason share one format and one cache
 
 
-def cache_folder(path, kind: str, tokenizer, cache_dir=None) -> Path:
-    """<file>.tokcache/<kind>-<tokenizer hash> beside the data; under cache_dir when given, or when the data's
-    folder is read-only (then ~/.cache/minimind/tokcache)."""
+def cache_folder(path, kind: str, tokenizer, cache_dir=None, markers: str = "auto") -> Path:
+    """<file>.tokcache/<kind>-<tokenizer hash> beside the data (pretrain: pretrain-<markers>-<tokenizer hash>, so
+    each marker policy has its own cache); under cache_dir when given, or when the data's folder is read-only
+    (then ~/.cache/minimind/tokcache)."""
     path = Path(path).resolve()
-    name = f"{cache_kind(kind)}-{tokenizer.fingerprint[:12]}"
+    kind_name = f"pretrain-{markers}" if kind == "pretrain" else cache_kind(kind)
+    name = f"{kind_name}-{tokenizer.fingerprint[:12]}"
     if cache_dir is None and not os.access(path.parent, os.W_OK):
         cache_dir = Path.home() / ".cache" / "minimind" / "tokcache"
     if cache_dir is not None:
@@ -150,11 +155,12 @@ def _init_worker(tokenizer):
     _set_tokenizer(tokenizer)
 
 
-def encode_block(kind: str, first_line: int, lines):
+def encode_block(kind: str, first_line: int, lines, markers: str = "auto"):
     """Parse, validate and tokenise one block. Returns (tokens uint16, mask uint8 or None, lengths int64,
     first_target int64 or None, records, errors [(line, message)], extras or None: chat kinds augment.chat_extras,
-    rl (record JSON bytes, records without an answer, the line of the first)); bad records are left out and
-    reported."""
+    rl (record JSON bytes, records without an answer, the line of the first), MarkerCount or None); bad records are
+    left out and reported. Pretrain texts get their <|im_start|>/<|im_end|> under the `markers` policy
+    (minimind.data.markers)."""
     tok, records, errors, extras, no_answer = _TOKENIZER, [], [], None, []
     for i, line in enumerate(lines):
         try:
@@ -166,8 +172,14 @@ def encode_block(kind: str, first_line: int, lines):
             records.append(rec)
             if kind == "rl" and rec[2] is None:
                 no_answer.append(first_line + i)
+    marked = None
     if kind == "pretrain":
-        seqs = [np.asarray([tok.bos_id] + ids + [tok.eos_id], dtype=np.int64) for ids in tok.encode_batch(records)]
+        bos, eos = tok.id_to_token(tok.bos_id), tok.id_to_token(tok.eos_id)
+        marked = pretrain_markers.MarkerCount()
+        for i, text in enumerate(records):  # in place: the block's texts are held once
+            records[i], count = pretrain_markers.mark_text(text, markers, bos, eos)
+            marked.add(count)
+        seqs = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(records)]
         masks = first = None
     elif kind == "rl":
         thinking = (False, True) if tok.supports_thinking else (False,)
@@ -189,7 +201,7 @@ def encode_block(kind: str, first_line: int, lines):
     lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
     tokens = np.concatenate(seqs).astype(np.uint16) if seqs else np.zeros(0, np.uint16)
     mask = None if masks is None else (np.concatenate(masks) if masks else np.zeros(0, np.uint8))
-    return tokens, mask, lengths, first, len(records), errors, extras
+    return tokens, mask, lengths, first, len(records), errors, extras, marked
 
 
 # ---- main side ----
@@ -205,7 +217,8 @@ def _pool(num_workers, tokenizer):
     return ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,))
 
 
-def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: bool, num_workers: int) -> None:
+def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: bool, num_workers: int,
+           markers: str = "auto") -> None:
     if tokenizer.vocab_size > 65536:
         raise ValueError(f"vocab size {tokenizer.vocab_size} does not fit the uint16 token cache")
     t0 = time.time()
@@ -217,6 +230,7 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
     has_mask = kind not in ("pretrain", "rl")
     has_extras = cache_kind(kind) == "chat"
     lengths, firsts, n_records, n_skipped, kept_errors = [], [], 0, 0, []
+    marked = pretrain_markers.MarkerCount()
     extra_files = {name: open(tmp / f"{name}.bin", "wb") for name, _ in ChatExtras.FILES} if has_extras else {}
     if kind == "rl":
         extra_files = {name: open(tmp / f"{name}.bin", "wb") for name, _ in PromptRecords.FILES}
@@ -229,7 +243,7 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
         with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "mask.bin", "wb") as fmask:
             def consume(result):
                 nonlocal n_records, n_skipped, n_repl
-                tokens, mask, lens, first, nrec, errors, extras = result
+                tokens, mask, lens, first, nrec, errors, extras, block_marked = result
                 if errors and not skip_bad_records:
                     line, msg = errors[0]
                     raise DataError(f"{path}:{line}: {msg} (pass skip_bad_records=True / --skip_bad_records "
@@ -249,6 +263,8 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
                     no_answer["records_without_answer"] += n_missing
                     if no_answer["first_without_answer"] is None and first_missing is not None:
                         no_answer["first_without_answer"] = f"{path}:{first_missing}"
+                if block_marked is not None:
+                    marked.add(block_marked)
                 if has_extras:
                     system_ok, counts, edits, repl_tokens, repl_mask = extras
                     edits = edits + np.asarray([0, 0, n_repl, n_repl])  # offsets into the whole file's arrays
@@ -261,11 +277,11 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
             blocks = iter_line_blocks(path)
             if pool is None:
                 for first_line, lines in blocks:
-                    consume(encode_block(kind, first_line, lines))
+                    consume(encode_block(kind, first_line, lines, markers))
             else:
                 pending = deque()  # in file order; at most 2 blocks per worker in flight
                 for first_line, lines in blocks:
-                    pending.append(pool.apply_async(encode_block, (kind, first_line, lines)))
+                    pending.append(pool.apply_async(encode_block, (kind, first_line, lines, markers)))
                     if len(pending) >= 2 * num_workers:
                         consume(pending.popleft().get())
                 while pending:
@@ -298,34 +314,41 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
             "errors": kept_errors, "workers": num_workers, "build_seconds": round(time.time() - t0, 3)}
     if kind == "rl":  # prompts per record: thinking off (and on, where the template switches it)
         meta.update(variants=2 if tokenizer.supports_thinking else 1, **no_answer)
+    if kind == "pretrain":
+        meta["markers"] = {"policy": markers, **asdict(marked)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def _is_fresh(folder: Path, path: Path, tokenizer) -> bool:
+def _is_fresh(folder: Path, path: Path, tokenizer, kind: str, markers: str) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
+        return False
+    if kind == "pretrain" and meta.get("markers", {}).get("policy") != markers:
         return False
     return (meta.get("version") == CACHE_VERSION and meta.get("tokenizer") == tokenizer.fingerprint
             and meta.get("fingerprint") == source_fingerprint(path))
 
 
 def load_token_cache(path, kind: str, tokenizer, *, cache_dir=None, skip_bad_records=False,
-                     num_workers: Optional[int] = None) -> TokenCache:
+                     num_workers: Optional[int] = None, markers: str = "auto") -> TokenCache:
     """The token cache of `path` (built now if missing or stale). Raises DataError for bad records unless
-    skip_bad_records, in which case they are counted (meta["skipped_records"]) and a warning names the first."""
+    skip_bad_records, in which case they are counted (meta["skipped_records"]) and a warning names the first.
+    markers: the pretrain marker policy, "auto" | "always" | "never" (minimind.data.markers; other kinds ignore it)."""
     path = Path(path)
+    if markers not in pretrain_markers.POLICIES:
+        raise ValueError(f"markers must be one of {pretrain_markers.POLICIES}, got {markers!r}")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    folder = cache_folder(path, kind, tokenizer, cache_dir)
+    folder = cache_folder(path, kind, tokenizer, cache_dir, markers)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait and then reuse its result
-        if not _is_fresh(folder, path, tokenizer):
+        if not _is_fresh(folder, path, tokenizer, kind, markers):
             workers = _default_workers(path) if num_workers is None else num_workers
-            _build(path.resolve(), kind, tokenizer, folder, skip_bad_records, workers)
+            _build(path.resolve(), kind, tokenizer, folder, skip_bad_records, workers, markers)
         cache = _open(folder)
     skipped = cache.meta["skipped_records"]
     if skipped and not skip_bad_records:

@@ -1,13 +1,14 @@
 """Batches from a token cache: packed or padded, length-bucketed, shuffled per epoch, resumable, sharded for DDP.
 
 Every loader first makes an epoch's *plan*: the list of global batches (arrays of item indices), a function of
-(seed, epoch, batch_size, max_seq_len) only, never of the world size. Rank r of W takes global batches
-r, r + W, r + 2W, ...; the position is the number of global batches consumed, so a run stopped after g batches
+(seed, epoch, batch_size, max_seq_len) only, never of the world size (shuffle=False: every epoch in file order, with
+no length bucketing, MiniMind2's order; with drop_last=False its last partial batch too). Rank r of W takes global
+batches r, r + W, r + 2W, ...; the position is the number of global batches consumed, so a run stopped after g batches
 resumes at batch g under any world size. To keep ranks in lockstep, each rank stops when fewer than W global
 batches remain (at most W - 1 tail batches of an epoch are left out; none when W divides the count).
 
 Items and rows (T <= max_seq_len; all tensors int64, (B, T)):
-    pretrain, pack=True   the cache's token stream (documents back to back, each <|im_start|> text <|im_end|>) cut
+    pretrain, pack=True   the cache's token stream (documents back to back, each as minimind.data.markers left it) cut
                           into rows of exactly max_seq_len; labels = input_ids; no padding. The stream's last
                           partial row is dropped (fewer than max_seq_len tokens, reported as dropped_tokens).
                           Documents may span two rows; attention is not masked at document boundaries.
@@ -32,6 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from minimind.data import markers as pretrain_markers
 from minimind.data.augment import ChatAugmenter
 from minimind.data.cache import TokenCache
 
@@ -73,7 +75,7 @@ class Loader:
 
     def __init__(self, kind: str, cache: TokenCache, *, max_seq_len: int, batch_size: int, seed: int = 42,
                  rank: int = 0, world_size: int = 1, pack: bool = True, drop_last: bool = True,
-                 augment: Optional[ChatAugmenter] = None):
+                 shuffle: bool = True, augment: Optional[ChatAugmenter] = None):
         if max_seq_len < 2 or batch_size < 1:
             raise ValueError(f"max_seq_len must be >= 2 and batch_size >= 1, got {max_seq_len}, {batch_size}")
         if not 0 <= rank < world_size:
@@ -81,6 +83,8 @@ class Loader:
         self.kind, self.cache = kind, cache
         self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
         self.rank, self.world_size, self.pack, self.drop_last = rank, world_size, pack, drop_last
+        self.shuffle = shuffle
+        self.markers = cache.meta.get("markers", {}).get("policy")  # the pretrain marker policy, None for chat
         if augment is not None and not augment.active:
             augment = None
         if augment is not None and cache.extras is None:
@@ -92,9 +96,11 @@ class Loader:
 
     # -- what each kind defines --
     def _setup(self):
+        """Sets self.items: the item ids an epoch covers, in file order."""
         raise NotImplementedError
 
     def _make_plan(self, rng) -> List[np.ndarray]:
+        """An epoch's shuffled plan (shuffle=True)."""
         raise NotImplementedError
 
     def _collate(self, batch: np.ndarray) -> Dict[str, torch.Tensor]:
@@ -109,7 +115,11 @@ class Loader:
         """The global batches of an epoch (item indices), identical on every rank and for every world size."""
         epoch = self.epoch if epoch is None else epoch
         if self._plan_epoch != epoch:
-            self._plan, self._plan_epoch = self._make_plan(_rng(self.seed, epoch)), epoch
+            if self.shuffle:
+                self._plan = self._make_plan(_rng(self.seed, epoch))
+            else:
+                self._plan = _cut(self.items, self.batch_size, self.drop_last)
+            self._plan_epoch = epoch
         return self._plan
 
     @property
@@ -153,12 +163,12 @@ class Loader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
                 "max_seq_len": self.max_seq_len, "num_global_batches": self.num_global_batches,
-                "world_size": self.world_size, "kind": self.kind, "pack": self.pack,
-                "augment_ratios": self.augment_ratios}
+                "world_size": self.world_size, "kind": self.kind, "pack": self.pack, "shuffle": self.shuffle,
+                "markers": self.markers, "augment_ratios": self.augment_ratios}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at exactly the next global batch of the saved run (any world size)."""
-        for key in ("seed", "batch_size", "max_seq_len", "kind", "pack", "augment_ratios"):
+        for key in ("seed", "batch_size", "max_seq_len", "kind", "pack", "shuffle", "markers", "augment_ratios"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
                                  f"{getattr(self, key)!r}; the saved position would mean other batches")
@@ -168,7 +178,8 @@ class Loader:
                              f"data gives {self.num_global_batches}; the data or its settings changed")
 
     def stats(self) -> dict:
-        """This rank's epoch: useful tokens, padding share, and what the data set left out."""
+        """This rank's epoch: useful tokens, padding share, what the data set left out, and for pretraining which
+        <|im_start|>/<|im_end|> markers the cache added ("markers", minimind.data.markers.summary)."""
         plan, useful, padded = self.plan(), 0, 0
         for g in range(self.rank, self._stop(0), self.world_size):
             u, p = self._batch_tokens(plan[g])
@@ -177,6 +188,8 @@ class Loader:
                "padding_fraction": float((padded - useful) / padded) if padded else 0.0,
                "records": self.cache.meta["records"], "skipped_records": self.cache.meta["skipped_records"]}
         out.update(self._extra_stats())
+        if "markers" in self.cache.meta:  # last: the data line a stage prints ends with it
+            out["markers"] = pretrain_markers.summary(self.cache.meta["markers"])
         return out
 
     def _extra_stats(self) -> dict:
@@ -186,9 +199,10 @@ class Loader:
 class PackedPretrainLoader(Loader):
     def _setup(self):
         self.rows = len(self.cache.tokens) // self.max_seq_len
+        self.items = np.arange(self.rows)
 
     def _make_plan(self, rng):
-        return random_batches(np.arange(self.rows), self.batch_size, rng, self.drop_last)
+        return random_batches(self.items, self.batch_size, rng, self.drop_last)
 
     def _collate(self, batch):
         L, tokens = self.max_seq_len, self.cache.tokens

@@ -446,7 +446,7 @@ def count_step(preset, variant, sms, batch_size=32, seq_len=512, pad_fraction=0.
     a GPU with `sms` multiprocessors. Returns a StepCount."""
     from bench import throughput
     from minimind.config import MiniMindConfig
-    from train import engine
+    from train import flops
     cfg = cfg or MiniMindConfig.from_preset(preset)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     step = build_step(cfg, variant, fake)
@@ -464,7 +464,7 @@ def count_step(preset, variant, sms, batch_size=32, seq_len=512, pad_fraction=0.
         with counter, label_backend_ops(step.model.ops, counter):
             step(batch)
     return StepCount(preset, variant, sms, batch_size, seq_len, useful,
-                     engine.default_flops_per_token(step.model, seq_len), counter.launches)
+                     flops.default_flops_per_token(step.model, seq_len), counter.launches)
 
 
 # ------------------------------------------------------------------------------------ one op and its minimum

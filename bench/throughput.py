@@ -38,10 +38,10 @@ already (data loading is not timed). Peak memory: torch.cuda.max_memory_allocate
 fp16 rows count the timed steps whose GradScaler found an overflow and skipped AdamW (fp16_skipped_steps; the
 tables flag any): such a step is cheaper than a real one, which would flatter the minimind2 reference.
 
-MFU (the engine's formula, engine.default_flops_per_token): flops/token = 6 * N_matmul + 12 * L * d_attn * T,
+MFU (the engine's formula, flops.default_flops_per_token): flops/token = 6 * N_matmul + 12 * L * d_attn * T,
 N_matmul = weights of every matmul a token goes through (attention, MLP or shared + top-k experts, lm_head),
 12 * L * d_attn * T = QK^T and AV forward + backward; MFU = useful tokens/s * flops/token / peak, peak =
-engine.peak_flops(device) (the datasheet's dense bf16 rate: 989 TFLOP/s for an H200). Padding shows as lost MFU.
+flops.peak_flops(device) (the datasheet's dense bf16 rate: 989 TFLOP/s for an H200). Padding shows as lost MFU.
 Speedups are ratios of useful tokens/s against the minimind2 step of the same preset and sequence length in the
 same run; "same-token speedup" compares processed (padded) tokens/s, i.e. what the kernels alone buy.
 """
@@ -66,7 +66,7 @@ from minimind.config import PRESETS, MiniMindConfig
 class Variant:
     name: str
     kernels: str
-    dtype: str        # engine.DTYPES key
+    dtype: str        # flags.DTYPES key
     compile: bool
     padded: bool
     init: str = "normal"  # MiniMindForCausalLM's own normal(0, 0.02), or "minimind2" (init_minimind2_)
@@ -137,9 +137,9 @@ class TrainStep:
 
     def __init__(self, cfg, variant, device, lr=5e-4, grad_clip=1.0, weight_decay=0.01):
         from minimind.model import MiniMindForCausalLM
-        from train import engine, pretrain
+        from train import engine, flags, flops, pretrain
         from train.distributed import Dist
-        self.dtype = engine.DTYPES[variant.dtype]
+        self.dtype = flags.DTYPES[variant.dtype]
         args = SimpleNamespace(kernels=variant.kernels, attn="sdpa", out_dir=tempfile.gettempdir(),
                                no_pack=variant.padded)  # padded rows go in without their last token, as MiniMind2's
         self.run = engine.Run(args, cfg, None, device, self.dtype, Dist())
@@ -157,7 +157,7 @@ class TrainStep:
             engine.compile_blocks(self.model)  # exactly the engine's --compile
         self.step_module = engine.StageStep(self.model, pretrain.lm_loss, self.run)
         self.grad_clip, self.lr = grad_clip, lr
-        self.flops_per_token = engine.default_flops_per_token
+        self.flops_per_token = flops.default_flops_per_token
 
     def __call__(self, batch):
         from train import engine
@@ -328,7 +328,7 @@ def main(argv=None):
         p.error(f"--pad_fraction must be in [0, 1), got {args.pad_fraction}")
     if args.cpu_smoke and any(VARIANTS[v].kernels == "triton" for v in args.variants):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    from train import engine
+    from train import flops
     if args.cpu_smoke:
         device = torch.device("cpu")
         env = report.environment(label="CPU smoke run (tiny models, fp32; not a benchmark result)")
@@ -338,7 +338,7 @@ def main(argv=None):
     else:
         print("bench.throughput: no CUDA GPU here, so nothing is measured (use --cpu-smoke to test the harness).")
         return 0
-    peak = engine.peak_flops(device, args.peak_tflops)
+    peak = flops.peak_flops(device, args.peak_tflops)
     presets = list(PRESET_ORDER) if args.preset == "all" else [args.preset]
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     doc = {"kind": "throughput", "env": env, "warmup": args.warmup, "repeats": args.repeats,

@@ -158,10 +158,10 @@ def test_throughput_measures_the_minimind3_presets(tmp_path):
     assert [(r["preset"], r["variant"], r["status"]) for r in rows] == [("minimind3-moe", "minimind2", "ok"),
                                                                        ("minimind3-moe", "torch", "ok")]
     from minimind.model import MiniMindForCausalLM
-    from train import engine
+    from train import flops
     with torch.device("meta"):
         model = MiniMindForCausalLM(MiniMindConfig.from_preset("minimind3", head_dim=64))
-    assert engine.default_flops_per_token(model, 512) == 6 * engine.matmul_params(model) + 12 * 8 * 8 * 64 * 512
+    assert flops.default_flops_per_token(model, 512) == 6 * flops.matmul_params(model) + 12 * 8 * 8 * 64 * 512
 
 
 def _throughput_doc(device="NVIDIA H200"):

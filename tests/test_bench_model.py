@@ -72,9 +72,9 @@ def test_triton_step_counts(small_steps):
     # matmul FLOPs (the projections and the loss head, forward and backward) = 6 x weights x tokens
     from minimind.config import MiniMindConfig
     from minimind.model import MiniMindForCausalLM
-    from train import engine
+    from train import flops
     with torch.device("meta"):
-        n_matmul = engine.matmul_params(MiniMindForCausalLM(MiniMindConfig.from_preset("small")))
+        n_matmul = flops.matmul_params(MiniMindForCausalLM(MiniMindConfig.from_preset("small")))
     matmul = sum(l.flops for l in step.launches if l.op in ("matmul", "linear_cross_entropy"))
     assert matmul == 6 * n_matmul * 32 * 512
     phases = step.by("phase")

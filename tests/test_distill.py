@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
-from train import engine
+from train import checkpoint, engine, flops
 from train.losses import chunked_distill_loss, full_logits_distill_loss
 
 
@@ -124,7 +124,7 @@ def test_distill_stage_moves_the_student_towards_the_teacher(tmp_path, kernels):
     result = distill.main(argv)
     assert result["weights_path"].endswith("full_dist_64.pth")
     # MFU: the student's forward + backward and the teacher's forward (d_attn = 8 heads x 12 = 96), per token
-    n_s, n_t = engine.matmul_params(result["model"]), engine.matmul_params(teacher)
+    n_s, n_t = flops.matmul_params(result["model"]), flops.matmul_params(teacher)
     assert result["flops_per_token"] == (6 * n_s + 12 * 2 * 64 * seq) + (2 * n_t + 4 * 3 * 96 * seq)
     trained = result["model"].eval()
     trained.set_kernels("torch")  # evaluate on the reference ops (faster than the interpreter)
@@ -159,7 +159,7 @@ def test_teacher_shape_is_read_off_its_weight_file(tmp_path, overrides):
     got = distill.teacher_config(args, tiny())
     for k in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "use_moe", "n_routed_experts", "vocab_size"):
         assert getattr(got, k) == getattr(cfg, k), k
-    engine.load_weights(MiniMindForCausalLM(got), tmp_path / "teacher.pth")  # strict: every tensor fits
+    checkpoint.load_weights(MiniMindForCausalLM(got), tmp_path / "teacher.pth")  # strict: every tensor fits
     args.teacher_weight = str(tmp_path / "missing.pth")
     with pytest.raises(engine.ConfigError, match="missing.pth"):
         distill.teacher_config(args, tiny())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
-from train import engine
+from train import flops
 from train.losses import dpo_batch_logprobs, dpo_loss, sequence_logprobs
 
 
@@ -114,7 +114,7 @@ def test_dpo_precomputed_reference_gives_the_same_run(torch_run, tmp_path):
     a, b = [x for _, x in plain["losses"]], [x for _, x in cached["losses"]]
     assert len(a) == len(b) == 6
     # MFU counts the live reference's forward (2N + 4LdT per token), not the precomputed one's
-    n, T = engine.matmul_params(plain["model"]), 48
+    n, T = flops.matmul_params(plain["model"]), 48
     assert cached["flops_per_token"] == 6 * n + 12 * 2 * 64 * T
     assert plain["flops_per_token"] == 6 * n + 12 * 2 * 64 * T + 2 * n + 4 * 2 * 64 * T
     assert plain["flops_per_token"] > cached["flops_per_token"]

@@ -10,7 +10,7 @@ import torch
 from minimind.config import MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from tests.train_helpers import demo_data, one_thread, run_module, tiny_flags  # noqa: F401  (fixtures)
-from train import distill, dpo, engine, metrics, pretrain, sft
+from train import distill, dpo, engine, flags, flops, metrics, pretrain, sft
 from train.checkpoint import atomic_save
 from train.engine import ConfigError
 
@@ -83,9 +83,9 @@ def test_flops_per_token_counts_matmuls_and_attention(use_moe):
     if use_moe:  # gate + top-2 of 4 routed experts + 1 shared expert
         mlp = H * 4 + 2 * 3 * H * I + 3 * H * I
     n = L * (attn + mlp) + V * H  # + lm_head (tied with the embedding, which is a lookup, not a matmul)
-    assert engine.matmul_params(model) == n
-    assert engine.default_flops_per_token(model, 128) == 6 * n + 12 * L * H * 128
-    assert engine.forward_flops_per_token(model, 128) == 2 * n + 4 * L * H * 128  # a frozen model's forward
+    assert flops.matmul_params(model) == n
+    assert flops.default_flops_per_token(model, 128) == 6 * n + 12 * L * H * 128
+    assert flops.forward_flops_per_token(model, 128) == 2 * n + 4 * L * H * 128  # a frozen model's forward
 
 
 def test_run_flops_add_one_forward_of_each_frozen_model():
@@ -102,9 +102,9 @@ def test_run_flops_add_one_forward_of_each_frozen_model():
                                MiniMindForCausalLM(cfg(32, 1, 2)))
     run = engine.Run(types.SimpleNamespace(out_dir="out", compile=False), student.config, None,
                      torch.device("cpu"), torch.float32, Dist())
-    n_s, n_t, n_o = (engine.matmul_params(m) for m in (student, teacher, other))
+    n_s, n_t, n_o = (flops.matmul_params(m) for m in (student, teacher, other))
     T = 100
-    assert engine.run_flops_per_token(pretrain.STAGE, student, run)(T) == 6 * n_s + 12 * 2 * 64 * T
+    assert flops.run_flops_per_token(pretrain.STAGE, student, run)(T) == 6 * n_s + 12 * 2 * 64 * T
     assert run.add_frozen("teacher", teacher) is teacher and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     run.extras["cache"] = {"not": "a model"}
@@ -112,16 +112,16 @@ def test_run_flops_add_one_forward_of_each_frozen_model():
     assert run.frozen_models() == [teacher, other]
     # teacher: d_attn = 8 heads x 12 = 96; other: 2 heads x 16 = 32
     want = 6 * n_s + 12 * 2 * 64 * T + (2 * n_t + 4 * 3 * 96 * T) + (2 * n_o + 4 * 1 * 32 * T)
-    assert engine.run_flops_per_token(pretrain.STAGE, student, run)(T) == want
+    assert flops.run_flops_per_token(pretrain.STAGE, student, run)(T) == want
     del run.extras["other"]
     apply_lora(student, 4, None, "square", generator=torch.Generator().manual_seed(0))
-    assert engine.run_flops_per_token(lora.STAGE, student, run)(T) == \
+    assert flops.run_flops_per_token(lora.STAGE, student, run)(T) == \
         lora.flops_per_token(student, T) + 2 * n_t + 4 * 3 * 96 * T
 
 
 def test_peak_flops_is_unknown_on_cpu_unless_given():
-    assert engine.peak_flops(torch.device("cpu")) is None
-    assert engine.peak_flops(torch.device("cpu"), 100.0) == 1e14
+    assert flops.peak_flops(torch.device("cpu")) is None
+    assert flops.peak_flops(torch.device("cpu"), 100.0) == 1e14
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
@@ -129,7 +129,7 @@ def test_peak_flops_is_unknown_on_cpu_unless_given():
                                           ("NVIDIA GeForce RTX 3090", 71.0), ("Some Future GPU", None)])
 def test_peak_flops_takes_the_most_specific_name(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    got = engine.peak_flops(torch.device("cuda", 0))
+    got = flops.peak_flops(torch.device("cuda", 0))
     assert got == (None if tflops is None else tflops * 1e12)
 
 
@@ -205,7 +205,7 @@ def test_bad_flag_on_the_command_line_is_a_usage_error(tmp_path):
 
 
 def test_help_shows_minimind2_flags_and_the_gpu_recipe():
-    text = engine.build_parser(pretrain.STAGE).format_help()
+    text = flags.build_parser(pretrain.STAGE).format_help()
     for flag in ("--epochs", "--batch_size", "--learning_rate", "--accumulation_steps", "--grad_clip",
                  "--warmup_iters", "--log_interval", "--save_interval", "--hidden_size", "--num_hidden_layers",
                  "--max_seq_len", "--use_moe", "--data_path", "--from_weight", "--from_resume", "--use_wandb",
@@ -213,32 +213,32 @@ def test_help_shows_minimind2_flags_and_the_gpu_recipe():
                  "--attn", "--deepspeed", "--seed", "--skip_bad_records", "--no_pack"):
         assert flag in text, flag
     assert "--preset small" in text
-    args = engine.build_parser(pretrain.STAGE).parse_args([])
+    args = flags.build_parser(pretrain.STAGE).parse_args([])
     assert (args.epochs, args.batch_size, args.learning_rate, args.accumulation_steps, args.max_seq_len) == \
         (1, 32, 5e-4, 8, 512)
-    args = engine.build_parser(sft.STAGE).parse_args([])
+    args = flags.build_parser(sft.STAGE).parse_args([])
     assert (args.epochs, args.batch_size, args.learning_rate, args.from_weight) == (2, 16, 5e-7, "pretrain")
 
 
 def test_preset_and_explicit_flags():
-    args = engine.build_parser(pretrain.STAGE).parse_args(["--preset", "moe", "--num_hidden_layers", "2"])
-    cfg = engine.config_from_args(args, 6400)
+    args = flags.build_parser(pretrain.STAGE).parse_args(["--preset", "moe", "--num_hidden_layers", "2"])
+    cfg = flags.config_from_args(args, 6400)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (640, 2, True)
-    cfg = engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args([]), 6400)
+    cfg = flags.config_from_args(flags.build_parser(pretrain.STAGE).parse_args([]), 6400)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (512, 8, False)  # MiniMind2's defaults
     # minimind-3: another width keeps the preset's rules (pi MLP width, head dim hidden / heads, q/k norm, eps)
-    args = engine.build_parser(pretrain.STAGE).parse_args(["--preset", "minimind3", "--hidden_size", "512"])
-    cfg = engine.config_from_args(args, 6400)
+    args = flags.build_parser(pretrain.STAGE).parse_args(["--preset", "minimind3", "--hidden_size", "512"])
+    cfg = flags.config_from_args(args, 6400)
     assert (cfg.intermediate_size, cfg.head_dim, cfg.qk_norm, cfg.rms_norm_eps) == (1664, 64, True, 1e-6)
-    args = engine.build_parser(pretrain.STAGE).parse_args(
+    args = flags.build_parser(pretrain.STAGE).parse_args(
         ["--preset", "moe", "--qk_norm", "1", "--head_dim", "32", "--num_experts_per_tok", "1", "--n_shared_experts",
          "0", "--aux_loss_scope", "batch", "--aux_loss_alpha", "1e-3", "--intermediate_size", "256",
          "--rms_norm_eps", "1e-6"])
-    cfg = engine.config_from_args(args, 6400)
+    cfg = flags.config_from_args(args, 6400)
     assert (cfg.qk_norm, cfg.head_dim, cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.aux_loss_scope,
             cfg.aux_loss_alpha, cfg.intermediate_size, cfg.rms_norm_eps) == (True, 32, 1, 0, "batch", 1e-3, 256, 1e-6)
     with pytest.raises(engine.ConfigError, match="head_dim must be even"):
-        engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args(["--head_dim", "33"]), 6400)
+        flags.config_from_args(flags.build_parser(pretrain.STAGE).parse_args(["--head_dim", "33"]), 6400)
 
 
 def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noqa: F811

@@ -212,13 +212,13 @@ def test_lora_stage_trains_only_adapters(tmp_path, kernels):
 
 
 def test_lora_stage_flops_count_no_weight_gradients_for_the_frozen_base():
-    from train import engine
+    from train import flops
     from train.lora import flops_per_token
     model = MiniMindForCausalLM(tiny())
-    full = engine.default_flops_per_token(model, 32)
+    full = flops.default_flops_per_token(model, 32)
     apply_lora(model, rank=4)
     n_adapter = sum(p.numel() for p in lora_parameters(model))
-    n_base = engine.matmul_params(model) - n_adapter
+    n_base = flops.matmul_params(model) - n_adapter
     assert flops_per_token(model, 32) == full - 2 * n_base + 6 * n_adapter
 
 

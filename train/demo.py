@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from train import dpo, engine, pretrain, reason, sft
+from train import dpo, engine, flags, pretrain, reason, sft
 
 DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4",
               "--num_key_value_heads", "2"]
@@ -49,7 +49,7 @@ SAMPLE_QUESTIONS = {"en": "What is 3 plus 5?", "zh": "4加0等于多少？"}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__, epilog=engine.GPU_RECIPE,
+    p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__, epilog=flags.GPU_RECIPE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out", help="checkpoints and metrics go here")
     p.add_argument("--data_dir", default=None, help="where the demo data is written (default OUT_DIR/demo_data)")
@@ -58,7 +58,7 @@ def build_parser():
     p.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
                    help="op backend (default triton on CUDA, torch on CPU)")
     p.add_argument("--device", default=None, help="default cuda when there is one, else cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(engine.DTYPES),
+    p.add_argument("--dtype", default=None, choices=sorted(flags.DTYPES),
                    help="autocast compute dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
     p.add_argument("--threads", type=int, default=None,

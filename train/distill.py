@@ -20,7 +20,7 @@ import torch
 
 from minimind.config import PRESETS, MiniMindConfig
 from minimind.weights import model_config, read_state_dict
-from train import engine
+from train import checkpoint, engine
 from train.losses import chunked_distill_loss
 
 TEACHER_SIZE_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads")
@@ -62,7 +62,7 @@ def teacher_config(args, student: MiniMindConfig) -> MiniMindConfig:
         explicit["use_moe"] = bool(explicit["use_moe"])
     sizes = dict(PRESETS[args.teacher_preset]) if args.teacher_preset else {}
     weight = args.teacher_weight
-    is_path = weight not in (None, "", "none") and engine.is_weight_path(weight)
+    is_path = weight not in (None, "", "none") and checkpoint.is_weight_path(weight)
     if is_path and not explicit and not args.teacher_preset:
         if not Path(weight).is_file():
             raise engine.ConfigError(f"--teacher_weight {weight}: no such file")

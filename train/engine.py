@@ -19,22 +19,9 @@ Learning rate at step s of S (MiniMind2's cosine, plus the warmup MiniMind2 decl
 
     cosine(s) = lr/10 + 0.5 * lr * (1 + cos(pi * s / S));  lr(s) = cosine(s) * min(1, (s + 1) / warmup_iters)
 
-Model FLOPs utilisation, per useful token of a micro-batch of sequence length T (PaLM's convention):
-
-    flops/token = 6 * N_matmul + 12 * L * d_attn * T                   the trained model, forward + backward
-                + sum over frozen models F of (2 * N_F + 4 * L_F * d_F * T)          one forward each
-
-N_matmul counts the weights of every matrix multiply a token goes through (attention and MLP projections, the
-lm_head; for MoE the shared experts and k of the E routed experts); the embedding lookup is not a matmul.
-12 * L * d_attn * T is QK^T and AV (2 * 2 * T * d_attn per layer forward, x3 with the backward), d_attn =
-heads * head_dim. The frozen models F (L_F layers, d_F = its d_attn) are the ones a stage registers with
-run.add_frozen (DPO's live reference, the distillation teacher): each runs one forward, no backward, over the same
-tokens, a third of the training count.
-DPO with --precompute_ref has none while training (its one pass over the data before training is not counted).
-A stage may count its trained model its own way (Stage.flops_per_token): LoRA counts 4N for the frozen base
-matrices (forward and the gradient of their input, no weight gradient) and 6N for the adapters, where PaLM would
-count 6N for every weight. MFU = achieved flops/s / (processes * peak dense bf16 tensor flops/s of one device),
-counting only useful (non-pad) tokens, so padding shows up as lost MFU.
+Around it: train/flags.py (every stage's flags and their checks), train/checkpoint.py (weight files,
+resume checkpoints), train/flops.py (the FLOPs count behind MFU), train/metrics.py (what a run reports),
+train/distributed.py (DDP) and train/deepspeed_setup.py.
 
 --compile compiles every decoder block in place (`compile_blocks`: nn.Module.compile per block, so state-dict keys
 do not change) of the trained model, after the stage's prepare (LoRA adapters are inside the blocks by then), and
@@ -44,7 +31,6 @@ fused kernel anyway). Not with DeepSpeed. --compile_mode (implies --compile) pic
 reduce-overhead records each block's kernels as CUDA graphs and replays them (a step begins a new graph
 generation), which removes most per-kernel launch cost where shapes are static (packed rows); untested on a GPU.
 """
-import argparse
 import contextlib
 import json
 import math
@@ -59,18 +45,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from kernels import get_backend
-from minimind.config import AUX_LOSS_SCOPES, PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.weights import config_path, model_card
 from train import distributed
-from train.checkpoint import atomic_save, atomic_write_text, fp16_state_dict, rng_state, set_rng_state
+from train.checkpoint import (atomic_save, atomic_write_text, check_resume, fp16_state_dict, load_weights,
+                              resolve_weights, resume_source, rng_state, set_rng_state, weight_file_name)
+from train.flags import CHAT_KINDS, DTYPES, ConfigError, build_parser, check_args, config_from_args
+from train.flops import peak_flops, run_flops_per_token
 from train.metrics import (MetricsLog, bar_text, data_summary, finish_summary, jsonable_flags, log_step,
                            progress_bar, schedule_summary)
-
-
-class ConfigError(ValueError):
-    """A bad flag, a missing file, or a checkpoint that does not fit the configuration: raised before training."""
 
 
 @dataclass
@@ -102,215 +85,6 @@ class Stage:
                                                 # loader batches of one step (RL: rollouts; PPO: several update
                                                 # passes); run.step_metrics holds the last step's metric sums.
                                                 # Its time is reported apart (rollout_s); default: [batches]
-
-
-# --------------------------------------------------------------------------------------------------- flags
-
-CHAT_KINDS = ("sft", "reason")  # data kinds with MiniMind's SFT augmentations (minimind.data.augment)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-
-GPU_RECIPE = """\
-GPU recipe (MiniMind2-Small on MiniMind's data, from the repository root):
-  python -m train.pretrain --preset small --data_path dataset/pretrain_hq.jsonl
-  python -m train.sft      --preset small --data_path dataset/sft_mini_512.jsonl
-  python -m train.dpo      --preset small --data_path dataset/dpo.jsonl
-  python -m train.reason   --preset small --data_path dataset/r1_mix_1024.jsonl
-Several GPUs: torchrun --nproc_per_node N -m train.pretrain ...  (or add --deepspeed train/configs/ds_zero2.json)
-"""
-
-
-def _flag_bool(s):
-    if str(s).lower() in ("1", "true", "yes"):
-        return True
-    if str(s).lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1, got {s!r}")
-
-
-def build_parser(stage: Stage) -> argparse.ArgumentParser:
-    """MiniMind2's flag names and defaults, then ours; stage.defaults override the generic defaults."""
-    p = argparse.ArgumentParser(prog=f"python -m train.{stage.name}", description=f"MiniMind {stage.name} stage",
-                                epilog=GPU_RECIPE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("MiniMind2 flags")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the data (default %(default)s)")
-    g.add_argument("--batch_size", type=int, default=32, help="micro-batch size per process (default %(default)s)")
-    g.add_argument("--learning_rate", type=float, default=5e-4,
-                   help="LR of MiniMind2's cosine schedule, lr/10 + lr/2 * (1 + cos(pi * step / steps)): it starts at "
-                        "1.1x this value and ends at a tenth of it (default %(default)s)")
-    g.add_argument("--accumulation_steps", type=int, default=1,
-                   help="micro-batches per optimizer step, their gradients averaged (default %(default)s)")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
-    g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps")
-    g.add_argument("--log_interval", type=int, default=100,
-                   help="log loss, lr, tokens/s and MFU every N optimizer steps (default %(default)s)")
-    g.add_argument("--save_interval", type=int, default=100, help="save weights + resume state every N steps")
-    g.add_argument("--hidden_size", type=int, default=None, help="default 512 (or the --preset's)")
-    g.add_argument("--num_hidden_layers", type=int, default=None, help="default 8 (or the --preset's)")
-    g.add_argument("--max_seq_len", type=int, default=512,
-                   help="tokens per row: longer records are truncated (default %(default)s)")
-    g.add_argument("--use_moe", type=_flag_bool, default=None, help="0 or 1 (default 0, or the --preset's)")
-    g.add_argument("--data_path", default=None, help="JSON Lines training data")
-    g.add_argument("--from_weight", default="none",
-                   help="starting weights: none | a stage prefix (pretrain -> OUT_DIR/pretrain_{hidden}.pth) | a path")
-    g.add_argument("--save_weight", default=stage.save_prefix, help="prefix of the weight file this run writes")
-    g.add_argument("--from_resume", default="0",
-                   help="0 | 1 (continue from OUT_DIR's resume checkpoint if there is one) | a resume file path")
-    g.add_argument("--use_wandb", action="store_true",
-                   help="also log to wandb (offline unless WANDB_API_KEY is set; pip install -e '.[wandb]')")
-    g.add_argument("--wandb_project", default=f"MiniMind-{stage.name}", help="wandb project (default %(default)s)")
-    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="autocast compute dtype (default bf16 on CUDA, fp32 on CPU); GradScaler only for fp16")
-    g.add_argument("--device", default=None, help="default cuda (cuda:LOCAL_RANK under torchrun) or cpu")
-    g.add_argument("--out_dir", default="out",
-                   help="where weights, their .json cards, resume state and the metrics log go (default %(default)s)")
-    o = p.add_argument_group("ours")
-    o.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="MiniMind2: small | base | moe; minimind-3: minimind3 | minimind3-moe "
-                        "(python -m minimind.model lists them)")
-    o.add_argument("--num_attention_heads", type=int, default=None, help="query heads (default 8, or the --preset's)")
-    o.add_argument("--num_key_value_heads", type=int, default=None,
-                   help="key/value heads of grouped-query attention (default 2, or the --preset's)")
-    o.add_argument("--head_dim", type=int, default=None, help="default hidden_size / num_attention_heads")
-    o.add_argument("--qk_norm", type=_flag_bool, default=None, help="0 or 1: RMSNorm of q and k before RoPE "
-                   "(minimind-3; default the --preset's, else 0)")
-    o.add_argument("--intermediate_size", type=int, default=None, help="MLP (and expert) width; default the "
-                   "preset's rule: MiniMind2 64*ceil(int(8*hidden/3)/64), minimind-3 64*ceil(hidden*pi/64)")
-    o.add_argument("--rms_norm_eps", type=float, default=None, help="default 1e-5 (minimind-3: 1e-6)")
-    o.add_argument("--n_routed_experts", type=int, default=None, help="MoE: routed experts (default 4)")
-    o.add_argument("--n_shared_experts", type=int, default=None, help="MoE: shared experts (MiniMind2 1, minimind-3 0)")
-    o.add_argument("--num_experts_per_tok", type=int, default=None, help="MoE top-k (MiniMind2 2, minimind-3 1)")
-    o.add_argument("--aux_loss_alpha", type=float, default=None,
-                   help="MoE load-balancing loss weight (MiniMind2 0.1, minimind-3 5e-4)")
-    o.add_argument("--aux_loss_scope", default=None, choices=AUX_LOSS_SCOPES,
-                   help="MoE aux loss per sequence (MiniMind2) or over the batch (minimind-3)")
-    o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
-                   help="op backend (default triton on CUDA, torch on CPU)")
-    o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"),
-                   help="attention: torch's scaled_dot_product_attention, or flash-attn when installed")
-    o.add_argument("--compile", action="store_true",
-                   help="torch.compile every decoder block of the trained and the frozen models")
-    o.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
-                   help="torch.compile mode of the compiled blocks (implies --compile). reduce-overhead replays "
-                        "each block's kernels as a CUDA graph instead of launching them one by one: for static "
-                        "shapes (packed pretraining rows; every new batch length records another graph). "
-                        "Untested on a GPU so far")
-    o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
-    o.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
-    o.add_argument("--init", default="normal", choices=("normal", "minimind2"),
-                   help="weights of a model trained from scratch: normal(0, 0.02) (ours) | minimind2 (MiniMind2's "
-                        "initial weights for --seed: PyTorch's default inits in MiniMind2's order; its trainer "
-                        "seeds 1337)")
-    o.add_argument("--shuffle", type=_flag_bool, default=True,
-                   help="1: shuffle every epoch (chat kinds length-bucketed), drop the last partial batch; 0: "
-                        "MiniMind2's order, the file in order with the last partial batch kept")
-    o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
-    o.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
-    o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
-    o.add_argument("--max_steps", type=int, default=0, help="cap the optimizer steps (0 = all epochs)")
-    o.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: looked up)")
-    o.add_argument("--stop_after", type=int, default=0,
-                   help="(testing) stop as on SIGINT after N optimizer steps of this run: save the resume state, "
-                        "exit 130 (under torchrun: a failed worker, exit 1)")
-    if stage.data_kind in CHAT_KINDS:
-        o.add_argument("--add_system_ratio", type=float, default=None,
-                       help="probability of giving a conversation without system message or tools one of MiniMind's "
-                            "10 system prompts (default: 0.2 for a minimind-3 tokenizer, 0 for MiniMind2's)")
-        o.add_argument("--drop_empty_think_ratio", type=float, default=None,
-                       help="probability of removing a conversation's empty <think></think> blocks (default: 0.8 "
-                            "for a minimind-3 tokenizer, 0 for MiniMind2's)")
-    if stage.add_args:
-        stage.add_args(p)
-    p.set_defaults(**stage.defaults)
-    return p
-
-
-MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "qk_norm", "intermediate_size", "rms_norm_eps", "n_routed_experts", "n_shared_experts",
-               "num_experts_per_tok", "aux_loss_alpha", "aux_loss_scope")
-
-
-def config_from_args(args, vocab_size: int) -> MiniMindConfig:
-    """--preset first, then any explicit model flag on top of it."""
-    base = dict(PRESETS[args.preset]) if args.preset else {}
-    for name in MODEL_FLAGS:
-        if getattr(args, name) is not None:
-            base[name] = getattr(args, name)
-    try:
-        return MiniMindConfig(vocab_size=vocab_size, **base)
-    except ValueError as e:
-        raise ConfigError(f"bad model flags: {e}") from None
-
-
-def weight_file_name(prefix: str, config: MiniMindConfig) -> str:
-    return f"{prefix}_{config.hidden_size}{'_moe' if config.use_moe else ''}.pth"
-
-
-def is_weight_path(value: str) -> bool:
-    """A --from_weight-style value names a file (ends in .pth/.pt or has a folder) rather than a stage prefix."""
-    return value.endswith((".pth", ".pt")) or os.sep in value or "/" in value
-
-
-def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig, flag="--from_weight") -> Optional[Path]:
-    """'none' -> None; a stage prefix -> OUT_DIR/{prefix}_{hidden}[_moe].pth; else a path. The file must exist
-    (the error names `flag`, the command-line flag the value came from)."""
-    if name_or_path in (None, "", "none"):
-        return None
-    looks_like_path = is_weight_path(name_or_path)
-    path = Path(name_or_path) if looks_like_path else Path(out_dir) / weight_file_name(name_or_path, config)
-    if not path.is_file():
-        raise ConfigError(f"{flag} {name_or_path}: no such file {path}"
-                          + ("" if looks_like_path else " (run the stage that writes it first, or pass a path)"))
-    return path
-
-
-def _shape_of_state(sd):
-    """(vocab, hidden, layers, moe, q/k norm) read off a MiniMind state dict."""
-    emb = sd.get("model.embed_tokens.weight", sd.get("lm_head.weight"))
-    layers = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
-    moe = any(".mlp.experts." in k or ".mlp.w_gate" in k for k in sd)
-    qk_norm = any(".self_attn.q_norm." in k for k in sd)
-    return (None if emb is None else tuple(emb.shape)), len(layers), moe, qk_norm
-
-
-def load_weights(model: nn.Module, source, name: str = "weights"):
-    """Strict load of a state dict (or a .pth path) into model, with an error naming the file and the flag to fix."""
-    sd = source
-    if not isinstance(source, dict):
-        name = str(source)
-        try:
-            sd = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"{name}: no such file") from None
-        except Exception as e:
-            raise ConfigError(f"{name}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]  # a resume checkpoint
-    cfg = getattr(model, "config", None)
-    if cfg is not None and isinstance(model, MiniMindForCausalLM):
-        emb, layers, moe, qk_norm = _shape_of_state(sd)
-        problems = []
-        if emb is not None and emb[1] != cfg.hidden_size:
-            problems.append(f"hidden_size {emb[1]} (model has --hidden_size {cfg.hidden_size})")
-        if emb is not None and emb[0] != cfg.vocab_size:
-            problems.append(f"vocab_size {emb[0]} (the tokenizer gives {cfg.vocab_size}; pass --tokenizer)")
-        if layers != cfg.num_hidden_layers:
-            problems.append(f"{layers} layers (model has --num_hidden_layers {cfg.num_hidden_layers})")
-        if moe != cfg.use_moe:
-            problems.append(f"use_moe {int(moe)} (model has --use_moe {int(cfg.use_moe)})")
-        if qk_norm != cfg.qk_norm:
-            problems.append(f"qk_norm {int(qk_norm)}, {'minimind-3' if qk_norm else 'MiniMind2'}'s q/k path "
-                            f"(model has --qk_norm {int(cfg.qk_norm)}; --preset minimind3 / minimind3-moe have it)")
-        if problems:
-            raise ConfigError(f"{name} does not fit the model: it has " + ", ".join(problems))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ConfigError(f"{name} does not fit the model: {e}") from None
-    return model
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -384,64 +158,6 @@ def lr_at(step, total, lr, warmup):
     """MiniMind2's cosine from lr to lr/10 (+ lr/10 floor), times a linear warmup over the first `warmup` steps."""
     cosine = lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * step / max(total, 1)))
     return cosine * min(1.0, (step + 1) / warmup) if warmup > 0 else cosine
-
-
-# Dense bf16/fp16 tensor-core peak of one device, TFLOP/s (vendor datasheets, no sparsity). Matched by substring of
-# torch.cuda.get_device_name(), most specific first.
-PEAK_TFLOPS = [
-    ("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
-    ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("RTX A6000", 155.0), ("V100", 125.0), ("T4", 65.0),
-]
-
-
-def peak_flops(device, override_tflops=None):
-    """Peak flop/s of one device, or None when unknown (CPU, an unlisted GPU): MFU is then shown as n/a."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-def matmul_params(model: nn.Module) -> int:
-    """Weights a token is multiplied by on its way through the model (see the module docstring)."""
-    from minimind.model import MoEFeedForward
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            n += m.weight.numel()
-        elif isinstance(m, MoEFeedForward):
-            per_expert = m.w_gate[0].numel() + m.w_up[0].numel() + m.w_down[0].numel()
-            n += m.top_k * per_expert
-    return n
-
-
-def default_flops_per_token(model, seq_len, n_matmul=None):
-    """6 * N_matmul + 12 * L * d_attn * T (see the module docstring); pass n_matmul to skip counting it."""
-    cfg = model.config
-    n_matmul = matmul_params(model) if n_matmul is None else n_matmul
-    return 6 * n_matmul + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-
-
-def forward_flops_per_token(model, seq_len, n_matmul=None):
-    """2 * N_matmul + 4 * L * d_attn * T: one forward of a frozen model, a third of default_flops_per_token."""
-    cfg = model.config
-    n_matmul = matmul_params(model) if n_matmul is None else n_matmul
-    return 2 * n_matmul + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-
-
-def run_flops_per_token(stage, model, run):
-    """T -> flops per useful token of one micro-batch of length T (see the module docstring): the trained model's
-    forward + backward (stage.flops_per_token or the default) plus one forward of each of run.frozen_models()."""
-    n_matmul = matmul_params(model)
-    trained = stage.flops_per_token or (lambda m, T: default_flops_per_token(m, T, n_matmul))
-    frozen = [(m, matmul_params(m)) for m in run.frozen_models()]
-    return lambda T: trained(model, T) + sum(forward_flops_per_token(m, T, n) for m, n in frozen)
 
 
 # Every compiled block of every model shares one code object (DecoderLayer.forward) and so one cache of compiled
@@ -552,66 +268,6 @@ def grad_scaler(device):
 
 # --------------------------------------------------------------------------------------------------- main
 
-def _check_args(args, stage):
-    """Everything that can be checked from the flags alone, before any model or data is built."""
-    if args.compile_mode:
-        args.compile = True
-    for name in ("epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "save_interval"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.learning_rate <= 0:
-        raise ConfigError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if not args.data_path or not Path(args.data_path).is_file():
-        raise ConfigError(f"--data_path {args.data_path}: no such file")
-    if args.device is None or (args.device == "cuda" and distributed.launched_by_torchrun()):
-        local = int(os.environ.get("LOCAL_RANK", 0))  # one GPU per process under torchrun
-        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {args.device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if args.dtype is None:
-        args.dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if DTYPES[args.dtype] == torch.float16 and device.type != "cuda":
-        raise ConfigError(f"--dtype {args.dtype} needs a CUDA device (CPUs have no fast fp16 matmuls and fp16 "
-                          "needs loss scaling); use --dtype bf16 or fp32 on the CPU")
-    if args.kernels is None:
-        args.kernels = "triton" if device.type == "cuda" else "torch"
-    try:
-        get_backend(args.kernels)
-    except RuntimeError as e:
-        raise ConfigError(f"--kernels {args.kernels}: {e}") from None
-    if args.kernels == "liger" and device.type != "cuda":
-        raise ConfigError(f"--kernels liger needs a CUDA device, not --device {args.device}")
-    if args.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError(f"--kernels triton on --device {args.device} runs only under Triton's interpreter "
-                          "(TRITON_INTERPRET=1, slow: for tests); use --kernels torch on the CPU")
-    if args.deepspeed:
-        if not Path(args.deepspeed).is_file():
-            raise ConfigError(f"--deepspeed {args.deepspeed}: no such file")
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise ConfigError("--deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
-        if args.compile:
-            raise ConfigError("--compile with --deepspeed is not supported; drop one of them")
-    if args.use_wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("--use_wandb needs wandb: pip install -e '.[wandb]'") from None
-    for name in ("add_system_ratio", "drop_empty_think_ratio"):
-        value = getattr(args, name, None)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{name} must be in [0, 1], got {value}")
-    if args.from_resume not in ("0", "1") and not Path(args.from_resume).exists():
-        raise ConfigError(f"--from_resume {args.from_resume}: no such file")
-    if stage.check_args:
-        stage.check_args(args)
-    return device
-
 
 # exit status of a command-line run stopped before its last step (SIGINT, SIGTERM, --stop_after) after saving its
 # resume state: not 0, so `pretrain && sft` does not go on with unfinished weights (130 = 128 + SIGINT, as shells do)
@@ -640,7 +296,7 @@ def main(stage: Stage, argv=None) -> dict:
 def train(stage: Stage, args) -> dict:
     """Train with parsed flags; returns the result dict (see the stage files; flops_per_token: the MFU count of a
     token at --max_seq_len)."""
-    device = _check_args(args, stage)
+    device = check_args(args, stage)
     dist = distributed.init(device.type, need_group=bool(args.deepspeed))
     set_local_rank = args.deepspeed and "LOCAL_RANK" not in os.environ  # DeepSpeed insists on it
     if set_local_rank:
@@ -651,35 +307,6 @@ def train(stage: Stage, args) -> dict:
         distributed.shutdown(dist)
         if set_local_rank:
             os.environ.pop("LOCAL_RANK", None)
-
-
-def _resume_source(args, default_path):
-    """The resume checkpoint to load: None for --from_resume 0, or 1 with nothing saved yet; a path given (that
-    _check_args found) of the wrong kind (a DeepSpeed folder without --deepspeed, a .pt file with it) is an error."""
-    if args.from_resume == "0":
-        return None
-    if args.from_resume == "1":
-        return default_path if default_path.exists() else None
-    path = Path(args.from_resume)
-    if path.is_dir() != bool(args.deepspeed):
-        raise ConfigError(f"--from_resume {path}: a DeepSpeed resume is a folder and needs --deepspeed; a plain one "
-                          f"is a .pt file and does not" + (" (this is a folder)" if path.is_dir() else ""))
-    return path
-
-
-def _check_resume(state, path, stage, args, config):
-    if state.get("stage") != stage.name:
-        raise ConfigError(f"--from_resume {path}: written by stage {state.get('stage')!r}, not {stage.name!r}")
-    saved = MiniMindConfig.from_dict(state["config"])
-    diff = [f"{k} {getattr(saved, k)} (now {getattr(config, k)})" for k in ("hidden_size", "num_hidden_layers",
-            "use_moe", "vocab_size", "num_attention_heads", "num_key_value_heads") if getattr(saved, k) !=
-            getattr(config, k)]
-    if diff:
-        raise ConfigError(f"--from_resume {path} was trained with " + ", ".join(diff))
-    for flag in ("batch_size", "max_seq_len"):
-        if state["args"][flag] != getattr(args, flag):
-            raise ConfigError(f"--from_resume {path}: the data position counts batches of --{flag} "
-                              f"{state['args'][flag]}, got --{flag} {getattr(args, flag)}")
 
 
 def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, scaler=None, ddp=None,
@@ -748,7 +375,7 @@ def _train(stage, args, device, dist):
                     else out_dir / weight_file_name(args.save_weight, config))
     # the resume state lives beside the weight file it belongs to (so two LoRA adapters never share one)
     resume_path = weights_path.with_name(weights_path.stem + ("_resume_ds" if args.deepspeed else "_resume.pt"))
-    resume_from = _resume_source(args, resume_path)
+    resume_from = resume_source(args, resume_path)
 
     augment = {}
     if stage.data_kind in CHAT_KINDS:  # MiniMind's defaults for the tokenizer's chat format where not given
@@ -789,7 +416,7 @@ def _train(stage, args, device, dist):
     state = None
     if resume_from is not None and not args.deepspeed:
         state = torch.load(resume_from, map_location="cpu", weights_only=False)
-        _check_resume(state, resume_from, stage, args, config)
+        check_resume(state, resume_from, stage, args, config)
         model.load_state_dict(state["model"])
     elif args.from_resume == "1" and resume_from is None:
         run.log(f"no resume checkpoint at {resume_path}; starting from the beginning")
@@ -813,7 +440,7 @@ def _train(stage, args, device, dist):
                                                           resume_from)
         if resume_from is not None:
             state = deepspeed_setup.load_resume(ds_engine, resume_from, dist)
-            _check_resume(state, resume_from, stage, args, config)
+            check_resume(state, resume_from, stage, args, config)
         wrapped = ds_engine
     elif dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

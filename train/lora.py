@@ -15,7 +15,7 @@ fold it into the base weights.
 import torch
 
 from minimind.lora import apply_lora, lora_parameters, lora_state_dict
-from train import engine
+from train import engine, flops
 from train.sft import assistant_loss
 
 
@@ -48,8 +48,8 @@ def flops_per_token(model, seq_len):
     """Forward + backward flops per token with a frozen base: frozen matrices cost 2N forward + 2N for the
     gradient of their input (no weight gradient), adapters the usual 6N; attention as in the engine's formula."""
     n_adapter = sum(p.numel() for p in lora_parameters(model))
-    n_matmul = engine.matmul_params(model)  # counts the base layers and the adapters' A and B
-    attention = engine.default_flops_per_token(model, seq_len) - 6 * n_matmul
+    n_matmul = flops.matmul_params(model)  # counts the base layers and the adapters' A and B
+    attention = flops.default_flops_per_token(model, seq_len) - 6 * n_matmul
     return 4 * (n_matmul - n_adapter) + 6 * n_adapter + attention
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from train import distributed, engine, rl
+from train import checkpoint, distributed, engine, flops, rl
 from train.checkpoint import atomic_save, fp16_state_dict
 
 
@@ -165,7 +165,7 @@ def critic_path(run):
     """ppo_actor_{hidden}.pth -> ppo_critic_{hidden}.pth (else {save_weight}_critic_...)."""
     prefix = run.args.save_weight
     prefix = prefix[:-len("actor")] + "critic" if prefix.endswith("actor") else prefix + "_critic"
-    return run.out_dir / engine.weight_file_name(prefix, run.config)
+    return run.out_dir / checkpoint.weight_file_name(prefix, run.config)
 
 
 def weights(model, run):
@@ -176,7 +176,7 @@ def weights(model, run):
 
 def flops_per_token(model, seq_len):
     """Actor and critic, each a forward and a backward per token."""
-    return sum(engine.default_flops_per_token(m, seq_len) for m in (model.actor, model.critic))
+    return sum(flops.default_flops_per_token(m, seq_len) for m in (model.actor, model.critic))
 
 
 STAGE = engine.Stage(

@@ -14,5 +14,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         assert (tmp_path / f"{name}_128.pth").is_file(), name
     for name, scores, _, _ in rows:
         assert scores["n"] > 0 and 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["seen_accuracy"] <= 1.0
+        assert 0.0 <= scores["answer_held_out_accuracy"] <= 1.0 and scores["answer_seen_n"] > 0
+        assert scores["answer_style"] == ("text" if name in ("random init", "pretrain") else "chat")
     out = capsys.readouterr().out
     assert "after reason: held-out quiz" in out and "Q: What is 3 plus 5?" in out
+    assert "generated answers right (chat prompt, greedy inside <answer>): held-out" in out

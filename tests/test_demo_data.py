@@ -10,7 +10,7 @@ from minimind.config import MiniMindConfig
 from minimind.data import build_loader
 from minimind.demo import evaluate, write_demo_data
 from minimind.demo.quiz import reasoning_prompts
-from minimind.demo.world import CITIES, COLOURS, World
+from minimind.demo.world import CITIES, COLOURS, MAX_ADDEND, World
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 
@@ -55,10 +55,15 @@ def test_reasoning_format(demo):
 
 def test_dpo_rejected_answers_are_wrong(demo):
     truth = {item.question: item.answers[0] for item in World().quiz(held_out=False)}
+    held_out_facts = {item.answers[0] for item in World().quiz()}
+    wrong_subject = 0
     for r in records(demo["dpo"]):
-        q = r["chosen"][0]["content"]
+        q, rejected = r["chosen"][0]["content"], r["rejected"][1]["content"]
         assert r["rejected"][0]["content"] == q
-        assert r["chosen"][1]["content"] == truth[q] != r["rejected"][1]["content"]
+        assert r["chosen"][1]["content"] == truth[q] != rejected
+        assert rejected not in held_out_facts
+        wrong_subject += rejected in truth.values()  # a true fact, about another subject
+    assert 0.3 < wrong_subject / len(records(demo["dpo"])) < 0.7
 
 
 def test_quiz_is_held_out(demo):
@@ -66,8 +71,8 @@ def test_quiz_is_held_out(demo):
     quiz = world.quiz()
     assert len(quiz) == len(json.loads("[" + ",".join(demo["eval"].read_text().splitlines()) + "]"))
     corpus = "".join(demo[k].read_text(encoding="utf-8") for k in ("pretrain", "sft", "dpo", "reason"))
-    for item in quiz:
-        assert item.question not in corpus, item.question
+    for item in quiz:  # (not after a digit: "10加4等于多少？" is another question than "0加4等于多少？")
+        assert not re.search(r"(?<!\d)" + re.escape(item.question), corpus), item.question
     pretrain = demo["pretrain"].read_text(encoding="utf-8")
     for p in world.held_out_people:  # but their facts are stated in the pretraining text
         assert f"{p.en} lives in" in pretrain or f"The home of {p.en}" in pretrain or f"{p.en} is from" in pretrain
@@ -106,3 +111,80 @@ def test_reason_style_scores_after_the_models_own_reasoning(demo):
         assert item.question in text and text.endswith("</think>\n<answer>\n")
     r = evaluate(model, tok, demo["eval"].parent, style="reason")
     assert r["n"] == len(World().quiz()) and 0.0 <= r["accuracy"] <= 1.0 and "reason_accuracy" in r
+
+
+def test_pretraining_questions_are_seen_or_one_off(demo):
+    """Every question in the pretraining text is about the seen part of the world, or a reading exercise
+    (World.context_item) whose answer the same document states before the question."""
+    world = World()
+    seen = {item.question for item in world.quiz(held_out=False)}
+    people = {p.en for p in world.people} | {p.zh for p in world.people}
+    qa = re.compile(r"(?:Question: |问：)(.+?)\n(?:Answer: |答：)(.+?[.。])")
+    n_one_off = 0
+    for r in records(demo["pretrain"]):
+        for m in qa.finditer(r["text"]):
+            question, answer = m.groups()
+            if question in seen:
+                continue
+            n_one_off += 1
+            assert answer in r["text"][:m.start()], (question, r["text"])
+            assert not any(name in question for name in people) or "How old" in question or "家有多少人" in question
+            numbers = [int(x) for x in re.findall(r"\d+", question)]
+            assert len(numbers) != 2 or max(numbers) > MAX_ADDEND, question
+    assert n_one_off > 1000
+
+
+def test_context_items_never_ask_the_worlds_colours_cities_or_sums():
+    """Reading exercises ask a person of the world only their age or household (a one-off value), stand-ins (not
+    named like anyone in the world) their colour or city, and sums with an addend above MAX_ADDEND; every answer
+    names its subject first."""
+    import random
+    world, rng = World(), random.Random(0)
+    kinds = set()
+    for _ in range(500):
+        item = world.context_item(rng)
+        kinds.add(item.category)
+        assert item.answers[0].startswith(item.subject) and item.value in item.answers[0]
+        if item.category == "sum":
+            assert max(item.operands) > MAX_ADDEND and item.value == str(sum(item.operands))
+        elif item.category in ("colour", "city", "place"):
+            assert item.subject not in world.names
+        else:
+            assert item.category == "age" and item.subject in world.names
+    assert kinds == {"age", "colour", "city", "sum", "place"}
+
+
+def test_exact_match_reads_the_answer():
+    from minimind.demo.answers import extract_answer, is_right
+    item = World().quiz()[0]  # "What is the favourite colour of Rayand?"
+    right, wrong = item.answers[0], item.answers[1]
+    assert is_right(extract_answer(right), item) and is_right(extract_answer(f" {right}\n"), item)
+    assert is_right(extract_answer(item.value), item) and is_right(extract_answer(item.value + "."), item)
+    assert not is_right(extract_answer(wrong), item)
+    assert not is_right(extract_answer(f"{right} {right}"), item)  # extra text in a chat reply is wrong
+    assert not is_right(extract_answer(f"Liyan likes {item.value}."), item)  # the right value about another person
+    assert is_right(extract_answer(f"The favourite colour of Rayand is {item.value}."), item)  # a paraphrase
+    assert is_right(extract_answer(f"{right} Question: 1 + 1?", "text"), item)  # text: the first sentence counts
+    template = "<think>\nThe question asks which colour Rayand likes.\n</think>\n<answer>\n{}\n</answer>"
+    assert is_right(extract_answer(template.format(right)), item)
+    assert not is_right(extract_answer(template.format(wrong)), item)
+    assert not is_right(extract_answer(f"<think>\n{right} {right}"), item)  # no <answer>: no answer
+    zh = next(i for i in World().quiz() if i.lang == "zh" and i.category == "sum")
+    assert is_right(extract_answer(zh.answers[0]), zh) and is_right(extract_answer(zh.value + "。"), zh)
+
+
+def test_exact_match_scores_generated_replies(demo, monkeypatch):
+    from minimind.demo import answers as em
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model, tok = MiniMindForCausalLM(cfg), load_tokenizer()
+    r = em.exact_match(model, tok, demo["eval"].parent, max_new_tokens=4)
+    assert r["n"] == len(World().quiz()) and r["accuracy"] == 0.0 and len(r["replies"]) == r["n"]
+    assert model.training  # generation restores the mode
+    seen = em.exact_match(model, tok, demo["eval"].parent, style="text", split="seen", max_new_tokens=4)
+    assert seen["n"] == len(World().quiz(held_out=False))
+    # the scoring of replies, with a stand-in for generation: every other reply right
+    monkeypatch.setattr(em, "generate_answers", lambda model, tok, quiz, *a: [
+        item.answers[i % 2] for i, item in enumerate(quiz)])
+    r = em.exact_match(model, tok, demo["eval"].parent)
+    assert r["accuracy"] == 0.5 and all(ok == (i % 2 == 0) for i, (_, _, ok) in enumerate(r["replies"]))

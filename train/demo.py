@@ -4,14 +4,19 @@
     python -m train.demo --quick         # a few steps per stage: checks the plumbing in well under a minute
 
 The bundled data describes a small invented world (people, their favourite colours and home cities, small sums)
-in English and Chinese. Before training and after every stage the demo scores two quizzes (minimind.demo.evaluate:
-multiple choice by likelihood, chance 25%): held-out, about facts that pretraining states but no training question
-ever asks (generalisation), and seen, the same kind of questions about facts the training data does ask about
-(memorisation); then it shows a greedy reply to two questions. The quiz scores a direct answer, so after the
-reasoning stage, whose replies open with <think>, it falls; that stage is also scored inside its template (the
-model writes its own <think> part, then the answers are ranked after <answer>: the "in template" line). Each stage
-is the real one (`train.<stage>.main`), so the checkpoints it leaves in out/ are MiniMind2-format weight files:
-pretrain_128.pth, full_sft_128.pth, rlhf_128.pth, reason_128.pth.
+in English and Chinese. Before training and after every stage the demo scores the model two ways, each on held-out
+questions (facts that pretraining states but no training question ever asks: generalisation) and seen ones (the
+same kinds of question about facts the training data does ask about: memorisation):
+  quiz       multiple choice by likelihood (minimind.demo.evaluate, chance 25%): does the model rank the right
+             answer first?
+  generated  greedy exact match of the model's own answers (minimind.demo.answers): what a user sees. The base
+             model is asked in plain text ("Question: ...\nAnswer:"), the others in the chat template; after the
+             reasoning stage the answer is read inside <answer>.
+Then it shows a greedy reply to two questions. The quiz scores a direct answer, so after the reasoning stage, whose
+replies open with <think>, it is also scored inside the template (the model writes its own <think> part, then the
+answers are ranked after <answer>: the "in template" line). Each stage is the real one (`train.<stage>.main`), so
+the checkpoints it leaves in out/ are MiniMind2-format weight files: pretrain_128.pth, full_sft_128.pth,
+rlhf_128.pth, reason_128.pth.
 """
 import argparse
 import os
@@ -28,19 +33,23 @@ DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attenti
 
 # (stage module, demo data file, flags). Pretraining uses short packed rows (64 tokens, 16 rows): a 1.6M-parameter
 # model learns the name -> fact lookups only after several hundred optimizer steps, so steps count more than row
-# length. Its learning rate is far above MiniMind2's (tuned for 100M-parameter models and days of data); SFT and
-# DPO use gentler ones, since they ask only about the seen part of the world and a higher rate overwrites the
-# held-out facts that pretraining stored (SFT at 1e-3 took the held-out quiz from 82% to 53%, DPO at 2e-4 to 39%).
-# The reasoning stage keeps its tags at weight 1 (MiniMind2: 10): with ten-fold tags this model, in 186 steps,
-# learns to repeat "<answer>" rather than the template.
+# length. Its learning rate is far above MiniMind2's (tuned for 100M-parameter models and days of data), so it
+# warms up over 100 steps: with 10, Adam's first steps at 3e-3 threw the loss from 4.9 to 15.8 at step 20, and it
+# sat near 4.9 for the next 20 steps. SFT runs 2 epochs at 5e-4: answering in the chat template means copying the
+# question's subject to a new place, which 1 epoch at 3e-4 had not learnt (22% of seen questions answered right,
+# against 96%). DPO uses beta 2, not MiniMind2's 0.1: its sequence log-probability is the mean over the answer's
+# ~8 tokens and a pair differs in one of them, so at 0.1 beta * margin stays near 0.01 and the loss at ln 2
+# (0.693 -> 0.688 in 93 steps); a higher rate instead (2e-4) pushed chosen and rejected down together and cost 15
+# points of seen answers. The reasoning stage keeps its tags at weight 1 (MiniMind2: 10: this model then learns to
+# repeat "<answer>") and a gentle rate: at 1e-3 it lost the held-out answers (7% right, 44% at 5e-4).
 PIPELINE = [
     (pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64", "--accumulation_steps", "1",
-                            "--learning_rate", "3e-3", "--warmup_iters", "10", "--from_weight", "none"]),
-    (sft, "sft", ["--epochs", "1", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "3e-4",
+                            "--learning_rate", "3e-3", "--warmup_iters", "100", "--from_weight", "none"]),
+    (sft, "sft", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-4",
                   "--warmup_iters", "5", "--from_weight", "pretrain"]),
     (dpo, "dpo", ["--epochs", "1", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "2e-5",
-                  "--beta", "0.1", "--from_weight", "full_sft"]),
-    (reason, "reason", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "1e-3",
+                  "--beta", "2", "--from_weight", "full_sft"]),
+    (reason, "reason", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-4",
                         "--warmup_iters", "5", "--template_weight", "1", "--from_weight", "rlhf"]),
 ]
 QUICK_STEPS = 3
@@ -74,8 +83,11 @@ def sample_replies(model, tokenizer, reason_mode=False):
             for lang, q in SAMPLE_QUESTIONS.items()}
 
 
-def report(title, model, tokenizer, data_dir, device, reason_mode=False):
-    from minimind.demo import evaluate
+def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_style="chat"):
+    """Quiz (ranked answers) and exact match (generated answers), held-out and seen; prints them and returns
+    the scores. answer_style: "text" for the base model (it has never seen the chat template), else "chat"."""
+    from minimind.demo import evaluate, exact_match
+    from minimind.demo.answers import ANSWER_TOKENS, REASON_TOKENS
     t = time.perf_counter()
     scores = evaluate(model, tokenizer, data_dir=data_dir, device=device)
     scores["seen_accuracy"] = evaluate(model, tokenizer, data_dir=data_dir, device=device, split="seen")["accuracy"]
@@ -83,6 +95,11 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False):
         for split in ("held_out", "seen"):
             scores[f"reason_{split}_accuracy"] = evaluate(model, tokenizer, data_dir=data_dir, device=device,
                                                           style="reason", split=split)["accuracy"]
+    n_tokens = REASON_TOKENS if reason_mode else ANSWER_TOKENS
+    for split in ("held_out", "seen"):
+        em = exact_match(model, tokenizer, data_dir, device, answer_style, split, n_tokens)
+        scores[f"answer_{split}_accuracy"], scores[f"answer_{split}_n"] = em["accuracy"], em["n"]
+    scores["answer_style"] = answer_style
     replies = sample_replies(model, tokenizer, reason_mode)
     print(f"\n== {title}: held-out quiz {scores['accuracy']:.1%} (text {scores['text_accuracy']:.1%}, chat "
           f"{scores['chat_accuracy']:.1%}; n={scores['n']}), seen-facts quiz {scores['seen_accuracy']:.1%}; "
@@ -90,6 +107,10 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False):
     if reason_mode:
         print(f"   in the reasoning template: held-out {scores['reason_held_out_accuracy']:.1%}, seen "
               f"{scores['reason_seen_accuracy']:.1%}")
+    where = " inside <answer>" if reason_mode else ""
+    print(f"   generated answers right ({answer_style} prompt, greedy{where}): held-out "
+          f"{scores['answer_held_out_accuracy']:.1%} (n={scores['answer_held_out_n']}), seen "
+          f"{scores['answer_seen_accuracy']:.1%} (n={scores['answer_seen_n']})")
     for lang, reply in replies.items():
         print(f"   Q: {SAMPLE_QUESTIONS[lang]}\n   A: {reply!r}")
     return scores
@@ -126,7 +147,7 @@ def main(argv=None):
         cfg = MiniMindConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                              vocab_size=tokenizer.vocab_size)
         scores = report("before training (random weights)", MiniMindForCausalLM(cfg).to(device), tokenizer,
-                        data_dir, device)
+                        data_dir, device, answer_style="text")
         rows.append(("random init", scores, 0.0, float("nan")))
     for stage, data_key, flags in PIPELINE:
         name = stage.STAGE.name
@@ -140,17 +161,21 @@ def main(argv=None):
         print(f"{name}: {result['steps']} steps, {result['seconds']:.1f}s, {result['tokens_per_s']:.0f} tokens/s, "
               f"final loss {result['final_loss']:.4f} -> {result['weights_path']}")
         if not args.no_eval:
-            scores = report(f"after {name}", result["model"], tokenizer, data_dir, device, reason_mode=name == "reason")
+            scores = report(f"after {name}", result["model"], tokenizer, data_dir, device, reason_mode=name == "reason",
+                            answer_style="text" if name == "pretrain" else "chat")
             rows.append((name, scores, result["seconds"], result["final_loss"]))
 
     if rows:
-        print("\nstage        held-out    text    chat    seen   train s   final loss")
+        print("\n                  quiz (ranked)      generated answers")
+        print("stage          held-out     seen    held-out     seen   train s   final loss")
         for name, s, secs, loss in rows:
-            print(f"{name:12s} {s['accuracy']:8.1%} {s['text_accuracy']:7.1%} {s['chat_accuracy']:7.1%} "
-                  f"{s['seen_accuracy']:7.1%} {secs:8.1f}   {loss:.4f}")
+            style = "(text)" if s["answer_style"] == "text" else ""
+            print(f"{name:12s} {s['accuracy']:10.1%} {s['seen_accuracy']:8.1%} {s['answer_held_out_accuracy']:11.1%} "
+                  f"{s['answer_seen_accuracy']:8.1%} {secs:9.1f}   {loss:.4f} {style}")
             if "reason_held_out_accuracy" in s:
-                print(f"{'  in template':12s} {s['reason_held_out_accuracy']:8.1%} {'':>7s} {'':>7s} "
-                      f"{s['reason_seen_accuracy']:7.1%}")
+                print(f"{'  in template':12s} {s['reason_held_out_accuracy']:10.1%} {s['reason_seen_accuracy']:8.1%}")
+        print("(quiz: 4 candidates ranked by likelihood, chance 25%; generated: greedy reply is the canonical answer "
+              "or its value; (text): a plain-text prompt, the base model knows no chat template)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; checkpoints in {out_dir}/")
     flag = "" if str(out_dir) == "out" else f" --out_dir {out_dir}"
     print(f"talk to the models: python -m minimind.chat rlhf{flag}   |   python -m minimind.chat reason{flag}   |   "

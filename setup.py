@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi>=0.100", "uvicorn>=0.30", "h11>=0.14", "pydantic>=2.6"]  # python -m minimind.serve
+
 setup(
     name="minimind-triton",
     version="0.1.0",
@@ -21,10 +23,15 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "safetensors", "jinja2",
                 "deepspeed",  # the DeepSpeed test runs on the CPU accelerator
-                "liger-kernel"],  # its adapters are tested under Triton's interpreter where its kernels allow
+                "liger-kernel",  # its adapters are tested under Triton's interpreter where its kernels allow
+                *SERVE,
+                "openai>=1.0", "schemathesis>=4.0",  # the server's tests: the official client, schema fuzzing
+                "playwright>=1.40"],  # the web page in Debian's chromium (.ci/run installs it; no browser download)
+        "serve": SERVE,
         "liger": ["liger-kernel"],
         "deepspeed": ["deepspeed"],
         "wandb": ["wandb"],
+        "plot": ["matplotlib"],  # python -m train.plot
         "hf": ["transformers>=4.40", "safetensors"],
     },
 )

@@ -1,4 +1,6 @@
-"""The MiniMind README's cost table (stage x model -> hours and yuan), from measured throughput.
+"""The MiniMind README's cost tables (stage x model -> hours and yuan), from measured throughput: MiniMind2's
+(small, base, moe on pretrain_hq, sft_*, dpo) and minimind-3's (minimind3, minimind3-moe on pretrain_t2t_mini,
+sft_t2t_mini, the tool-call SFT and RLAIF; the full pretrain_t2t and sft_t2t beside them).
 
     python -m bench.cost --throughput DIR/throughput.json [--kernels_json DIR/kernels.json]
                          [--tokens pretrain=4.3e8 ...] [--data pretrain=dataset/pretrain_hq.jsonl ...]
@@ -13,6 +15,9 @@ Tokens per stage (one epoch), best source first:
                       language: 3.70 UTF-8 bytes per token for Chinese (1.23 characters per token, Chinese runs of
                       the MiniMind README), 2.6 for English (English project prose), 3.1 for mixed files. JSON keys
                       and chat-template tokens are taken to roughly cancel. Expect +-25%; labelled "estimate".
+                      minimind-3's tokenizer is retrained at the same size: the same rates are assumed. The tool-call
+                      SFT and RLAIF have no published size: without --tokens / --data their rows show only
+                      MiniMind's published hours (RLAIF is RL with rollouts, which bench.throughput does not time).
 
 Hours on this GPU = tokens x epochs x work / (useful tokens/s of one training step, bench.throughput), with
 work = 1 for LM stages and 4/3 for DPO (the frozen reference model's forward, about a third of a training step,
@@ -30,12 +35,15 @@ RTX 3090 projections (labelled projections; 71 TFLOP/s dense bf16, 936 GB/s, 24 
             upper bound, since the rest also holds the matmul time lost below R at MiniMind's small widths, which
             could grow by up to the compute ratio. The optimistic bound t_mm x (peak_here / 71) + (t - t_mm)
             treats the rest as pure overhead. Both are shown.
-  ratio     MiniMind2's published 3090 hours (for one epoch, as the README's table; x epochs) / our measured
+  ratio     MiniMind's published 3090 hours (for one epoch, as the README's tables; x epochs) / our measured
             speedup over the minimind2 step (useful tokens/s, same preset and sequence length, same run); MiniMind
-            timed only pretrain and sft_mini_512, its other hours are its own size-based estimates. It
+            timed only pretrain and sft_mini_512, its other hours are its own size-based estimates (minimind-3's
+            table is "empirical estimates" throughout). It
             assumes the speedup carries over to a 3090; the part of it that removes launch overhead and host
             syncs (the per-expert loop) is likely smaller on the slower 3090, so this projection leans optimistic.
-Target reported against: MiniMind2-Small pretrain + sft_mini_512 under 0.7 h on a 3090 and under 1 yuan.
+Target reported against: MiniMind2-Small pretrain + sft_mini_512 under 0.7 h on a 3090 and under 1 yuan. Beside
+it, minimind-3's "Zero" model (pretrain_t2t_mini + sft_t2t_mini, one epoch each), published at 2.31 h / 3.0 yuan
+(minimind-3) and 3.23 h / 4.2 yuan (minimind-3-MoE).
 """
 import argparse
 import json
@@ -43,28 +51,44 @@ import os
 import sys
 
 from bench import report
+from minimind.config import PRESETS
 
 BYTES_PER_TOKEN = {"zh": 3.70, "en": 2.6, "mixed": 3.1}
 GB = 1e9  # MiniMind's sizes read as decimal gigabytes
 
 
-# stage -> file, published size, data kind, sequence length, language, work per token, MiniMind2 3090 hours
+# stage -> generation, file, published size (None: not published), data kind, sequence length, language, work per
+# token (None: not an LM step), MiniMind's 3090 hours per epoch
+M2, M3 = "MiniMind2", "minimind-3"
 STAGES = {
-    "pretrain": dict(file="pretrain_hq.jsonl", gb=1.6, kind="pretrain", seq=512, lang="zh", work=1.0,
+    "pretrain": dict(generation=M2, file="pretrain_hq.jsonl", gb=1.6, kind="pretrain", seq=512, lang="zh", work=1.0,
                      published={"small": 1.1, "base": 3.9}),
-    "sft_mini_512": dict(file="sft_mini_512.jsonl", gb=1.2, kind="sft", seq=512, lang="zh", work=1.0,
+    "sft_mini_512": dict(generation=M2, file="sft_mini_512.jsonl", gb=1.2, kind="sft", seq=512, lang="zh", work=1.0,
                          published={"small": 1.0, "base": 3.3}),
-    "sft_512": dict(file="sft_512.jsonl", gb=7.5, kind="sft", seq=512, lang="zh", work=1.0,
+    "sft_512": dict(generation=M2, file="sft_512.jsonl", gb=7.5, kind="sft", seq=512, lang="zh", work=1.0,
                     published={"small": 6.0, "base": 20.0}),
-    "sft_1024": dict(file="sft_1024.jsonl", gb=5.6, kind="sft", seq=1024, lang="mixed", work=1.0,
+    "sft_1024": dict(generation=M2, file="sft_1024.jsonl", gb=5.6, kind="sft", seq=1024, lang="mixed", work=1.0,
                      published={"small": 4.58, "base": 15.0}),
-    "sft_2048": dict(file="sft_2048.jsonl", gb=9.0, kind="sft", seq=2048, lang="mixed", work=1.0,
+    "sft_2048": dict(generation=M2, file="sft_2048.jsonl", gb=9.0, kind="sft", seq=2048, lang="mixed", work=1.0,
                      published={"small": 7.5, "base": 25.0}),
-    "rlhf": dict(file="dpo.jsonl", gb=0.9, kind="dpo", seq=1024, lang="en", work=4 / 3,
+    "rlhf": dict(generation=M2, file="dpo.jsonl", gb=0.9, kind="dpo", seq=1024, lang="en", work=4 / 3,
                  published={"small": 1.0, "base": 3.0}),
+    "pretrain_t2t_mini": dict(generation=M3, file="pretrain_t2t_mini.jsonl", gb=1.2, kind="pretrain", seq=340,
+                              lang="zh", work=1.0, published={"minimind3": 1.21, "minimind3-moe": 1.69}),
+    "sft_t2t_mini": dict(generation=M3, file="sft_t2t_mini.jsonl", gb=1.6, kind="sft", seq=768, lang="zh", work=1.0,
+                         published={"minimind3": 1.10, "minimind3-moe": 1.54}),
+    "toolcall": dict(generation=M3, file="(tool-call SFT)", gb=None, kind="sft", seq=768, lang="mixed", work=1.0,
+                     published={"minimind3": 0.9, "minimind3-moe": 1.26}),
+    "rlaif": dict(generation=M3, file="rlaif.jsonl", gb=None, kind=None, seq=768, lang="zh", work=None,
+                  published={"minimind3": 1.1, "minimind3-moe": 1.54}),
+    "pretrain_t2t": dict(generation=M3, file="pretrain_t2t.jsonl", gb=10.0, kind="pretrain", seq=340, lang="zh",
+                         work=1.0, published={}),
+    "sft_t2t": dict(generation=M3, file="sft_t2t.jsonl", gb=14.0, kind="sft", seq=768, lang="zh", work=1.0,
+                    published={}),
 }
 HEADLINE = ("pretrain", "sft_mini_512")
 TARGET_HOURS, TARGET_YUAN = 0.7, 1.0
+ZERO = ("pretrain_t2t_mini", "sft_t2t_mini")  # minimind-3's "Zero" model (its published hours add up to 2.31 / 3.23)
 RTX3090 = {"name": "RTX 3090", "tflops": 71.0, "GBps": 936.0, "memory_GiB": 24.0}
 # dense bf16 TFLOP/s, GB/s; matched by substring of the device name in this order, so the PCIe / NVL / 40 GB
 # versions (lower clocks or bandwidth) come before the SXM name they contain
@@ -74,9 +98,14 @@ DATASHEET = {"H200 NVL": (835.0, 4800.0), "H100 NVL": (835.0, 3900.0), "H100 PCI
              "RTX 4090": (165.0, 1008.0), "L40S": (362.0, 864.0)}
 
 
+def generation(preset):
+    return M3 if PRESETS[preset].get("qk_norm") else M2
+
+
 def estimate_tokens(stage):
+    """Tokens of one epoch from the published file size, or None where no size is published."""
     s = STAGES[stage]
-    return s["gb"] * GB / BYTES_PER_TOKEN[s["lang"]]
+    return None if s["gb"] is None else s["gb"] * GB / BYTES_PER_TOKEN[s["lang"]]
 
 
 def count_tokens(stage, path):
@@ -84,6 +113,8 @@ def count_tokens(stage, path):
     from minimind.data import build_loader
     from minimind.tokenizer import load_tokenizer
     s = STAGES[stage]
+    if s["kind"] is None:
+        raise SystemExit(f"bench.cost: --data {stage}=...: {stage} is not an LM stage (no token count)")
     loader = build_loader(s["kind"], path, load_tokenizer(), max_seq_len=s["seq"], batch_size=1, pack=True)
     return int(loader.stats()["tokens"])
 
@@ -137,9 +168,12 @@ def build(throughput, kernels=None, tokens=None, sources=None, epochs=None, pric
         matmul_rate = 0.8 * here[0] * 1e12 if here else None
         rate_source = "assumed: 0.8 x this GPU's datasheet peak, no matmul rate measured on it"
     rows = []
-    presets = [p for p in ("small", "base", "moe") if any(r.get("preset") == p for r in throughput.get("results", []))]
+    measured = {r.get("preset") for r in throughput.get("results", [])}
+    presets = [p for p in PRESETS if p in measured]
     for preset in presets:
         for stage, s in STAGES.items():
+            if s["generation"] != generation(preset):
+                continue
             n = tokens.get(stage)
             src = sources.get(stage, "given") if n is not None else "estimate"
             if n is None:
@@ -150,6 +184,11 @@ def build(throughput, kernels=None, tokens=None, sources=None, epochs=None, pric
                    "seq_len": s["seq"], "note": note, "published_3090_h": None}
             if preset in s["published"]:  # the README's hours are for one epoch
                 row["published_3090_h"] = s["published"][preset] * ep
+            if n is None or s["work"] is None:  # no size published / an RL stage: MiniMind's hours only
+                row.update(token_source="none", note="no data size published; pass --tokens or --data"
+                           if s["work"] else "RL (rollouts): not timed by bench.throughput")
+                rows.append(row)
+                continue
             if ours:
                 row.update(variant=ours["variant"], tokens_per_s=ours["useful_tokens_per_s"],
                            hours=hours(n, ep, s["work"], ours["useful_tokens_per_s"]))
@@ -171,22 +210,29 @@ def build(throughput, kernels=None, tokens=None, sources=None, epochs=None, pric
                 row["proj_3090_ratio_h"] = row["published_3090_h"] / speedup
                 row["proj_3090_ratio_yuan"] = row["proj_3090_ratio_h"] * price
             rows.append(row)
-    headline = {}
-    for key in ("hours", "yuan", "proj_3090_roofline_h", "proj_3090_roofline_low_h", "proj_3090_roofline_yuan",
-                "proj_3090_ratio_h",
-                "proj_3090_ratio_yuan", "published_3090_h"):
-        parts = [r.get(key) for r in rows if r["model"] == "small" and r["stage"] in HEADLINE]
-        headline[key] = sum(parts) if parts and all(p is not None for p in parts) else None
-    if headline.get("published_3090_h") is not None:
-        headline["published_3090_yuan"] = headline["published_3090_h"] * price
+    headline = _sums(rows, "small", HEADLINE, price)
     for method in ("roofline", "ratio"):
         h, y = headline.get(f"proj_3090_{method}_h"), headline.get(f"proj_3090_{method}_yuan")
         headline[f"target_met_{method}"] = None if h is None else (h < TARGET_HOURS and y < TARGET_YUAN)
+    zero = {model: _sums(rows, model, ZERO, price) for model in presets if generation(model) == M3}
     return {"kind": "cost", "env": env, "price_per_hour": price, "bytes_per_token": BYTES_PER_TOKEN,
+            "zero": zero,
             "rtx3090": RTX3090, "here_datasheet": here,
             "matmul_rate_TFLOPs": matmul_rate / 1e12 if matmul_rate else None, "matmul_rate_source": rate_source,
             "target": {"hours": TARGET_HOURS, "yuan": TARGET_YUAN, "stages": list(HEADLINE), "model": "small"},
             "headline": headline, "rows": rows, "method": __doc__.split("Tokens per stage")[1]}
+
+
+def _sums(rows, model, stages, price):
+    """The hours and yuan of `model`'s rows over `stages`, added up (None where one of them is missing)."""
+    out = {}
+    for key in ("hours", "yuan", "proj_3090_roofline_h", "proj_3090_roofline_low_h", "proj_3090_roofline_yuan",
+                "proj_3090_ratio_h", "proj_3090_ratio_yuan", "published_3090_h"):
+        parts = [r.get(key) for r in rows if r["model"] == model and r["stage"] in stages]
+        out[key] = sum(parts) if parts and all(p is not None for p in parts) else None
+    if out.get("published_3090_h") is not None:
+        out["published_3090_yuan"] = out["published_3090_h"] * price
+    return out
 
 
 def markdown(doc):
@@ -195,7 +241,8 @@ def markdown(doc):
              f"Price {doc['price_per_hour']} yuan per GPU-hour. Token counts marked 'estimate' come from MiniMind's "
              "published file sizes (see bench/cost.py); 3090 columns are PROJECTIONS, not measurements.", "",
              _method_line(doc), ""]
-    cols = [("model", "model"), ("stage", "stage"), ("tokens", lambda r: f"{r['tokens']:.3g} ({r['token_source']})"),
+    cols = [("model", "model"), ("stage", "stage"),
+            ("tokens", lambda r: None if r["tokens"] is None else f"{r['tokens']:.3g} ({r['token_source']})"),
             ("epochs", "epochs"), ("ours", "variant"), ("useful tok/s", "tokens_per_s"),
             ("h here", "hours"), ("yuan here", "yuan"), ("minimind2 step, h here", "minimind2_step_hours_here"),
             ("MiniMind2 3090 h (published)", "published_3090_h"),
@@ -213,6 +260,14 @@ def markdown(doc):
                   f"{_verdict(h.get('target_met_roofline'), env)}; 3090 projection (ratio) "
                   f"{f(h.get('proj_3090_ratio_h'))} h / {f(h.get('proj_3090_ratio_yuan'))} yuan -> target "
                   f"{_verdict(h.get('target_met_ratio'), env)}."]
+    for model, z in doc.get("zero", {}).items():
+        lines += ["", f"**minimind-3 Zero ({model}: {' + '.join(ZERO)}):** MiniMind published "
+                      f"{f(z.get('published_3090_h'))} h / {f(z.get('published_3090_yuan'))} yuan on a 3090; ours here "
+                      f"{f(z.get('hours'))} h / {f(z.get('yuan'))} yuan; 3090 projection (roofline) "
+                      f"{f(z.get('proj_3090_roofline_h'))} h (optimistic bound "
+                      f"{f(z.get('proj_3090_roofline_low_h'))} h) / {f(z.get('proj_3090_roofline_yuan'))} yuan; "
+                      f"3090 projection (ratio) "
+                      f"{f(z.get('proj_3090_ratio_h'))} h / {f(z.get('proj_3090_ratio_yuan'))} yuan."]
     return "\n".join(lines)
 
 

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, under 8 minutes on one GPU: parity tests compiled on the GPU, kernel
-# microbenchmarks, the ahead-of-time compile report, training-step throughput and the cost table.
+# microbenchmarks, the ahead-of-time compile report, training-step throughput, the cost table and the same
+# benchmarks as pytest-benchmark tests (bench/test_gpu_benchmarks.py, when pytest-benchmark is installed).
 #
 #   bash bench/gpu_suite.sh OUTDIR          (from anywhere; runs from the repository root with PYTHONPATH=.)
 #
 # Installs nothing. Every part runs under `timeout`, so one failure or hang still leaves the others' results.
 # OUTDIR ends up with at most 8 files (the device tool returns no more): summary.md (printed at the end),
-# env.json, kernels.json, throughput.json, cost.json, compile_report.json and logs.tar.gz (every log and per-part
-# markdown); see bench/results/README.md. The copy of the tree on the GPU machine may have no .git: set
+# env.json, kernels.json, throughput.json, cost.json, compile_report.json, benchmarks.json and logs.tar.gz (every
+# log and per-part markdown); see bench/results/README.md. The copy of the tree on the GPU machine may have no .git: set
 # BENCH_GIT_COMMIT=<hash> on the command line to name the commit in every result.
 # Time limits in seconds (typical use in brackets): env 10+25 [~10] | tests 80 [~40 with pytest-xdist's 4
-# workers, used when installed] | kernels 100 [~90: no new measurement after 75 s, no torch.compile one with
-# < 25 s of that left] | throughput 210 [~175: none after 160 s, no compiled one with < 60 s of that left] |
-# cost 10 [~2] | summary 20 [~5]. About 5.5 min expected; every part at its limit and killed 5 s after it, 475 s
-# (< 8 min). The compile report (CPU only) runs in the background from the start (limit 300) and is waited for
-# at the end, inside the others' time.
+# workers, used when installed] | kernels 90 [~80: no new measurement after 65 s, no torch.compile one with
+# < 25 s of that left] | throughput 185 [~155: none after 140 s, no compiled one with < 60 s of that left] |
+# cost 10 [~2] | benchmarks 30 [~20] | summary 20 [~5]. About 5.5 min expected; every part at its limit and killed
+# 5 s after it, 475 s (< 8 min). The compile report (CPU only) runs in the background from the start (limit 300)
+# and is waited for at the end, inside the others' time.
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -31,11 +32,15 @@ if [ "${GPU_SUITE_CPU_SMOKE:-0}" = 1 ]; then
   KERNELS_ARGS="--cpu-smoke --op rms_norm --variants torch"
   THROUGHPUT_ARGS="--cpu-smoke --preset small --variants minimind2 torch --warmup 1 --repeats 2"
   COMPILE_ARGS="--kernels swiglu --cc 90"
+  BENCHMARK_ARGS=(bench/test_cpu_benchmarks.py -k "test_loader and pretrain" --benchmark-max-time=0.1)
+  BENCHMARK_LIMIT=120  # no time budget to keep here, and a loaded CPU builds the demo corpus slowly
   RUN_TESTS=0
 else
-  KERNELS_ARGS="--budget_s 75"
-  THROUGHPUT_ARGS="--preset all --seq_len 512 1024 --budget_s 160"
+  KERNELS_ARGS="--budget_s 65"
+  THROUGHPUT_ARGS="--preset all --seq_len 512 1024 --budget_s 140"
   COMPILE_ARGS=""
+  BENCHMARK_ARGS=(bench/test_gpu_benchmarks.py)
+  BENCHMARK_LIMIT=30
   RUN_TESTS=1
 fi
 
@@ -85,11 +90,11 @@ else
   echo "| tests | no kernel test files found | 0 |" >> "$OUT/parts.txt"
 fi
 
-# 4. kernel microbenchmarks (no new measurement after 75 s; the JSON is rewritten after every measurement)
-part kernels 100 "$PY" -m bench.kernels --out "$OUT" $KERNELS_ARGS
+# 4. kernel microbenchmarks (no new measurement after 65 s; the JSON is rewritten after every measurement)
+part kernels 90 "$PY" -m bench.kernels --out "$OUT" $KERNELS_ARGS
 
-# 5. training-step throughput (no new measurement after 160 s; order in bench.throughput.plan)
-part throughput 210 "$PY" -m bench.throughput --out "$OUT" $THROUGHPUT_ARGS
+# 5. training-step throughput (no new measurement after 140 s; order in bench.throughput.plan)
+part throughput 185 "$PY" -m bench.throughput --out "$OUT" $THROUGHPUT_ARGS
 
 # 6. cost table from what was measured (published data sizes: the data is not on this machine)
 if [ -f "$OUT/throughput.json" ]; then
@@ -98,9 +103,21 @@ else
   echo "| cost | no throughput.json | 0 |" >> "$OUT/parts.txt"
 fi
 
+# 7. the pytest-benchmark versions (each op forward + backward, a training step per preset and variant)
+if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
+  # (without xdist's worker variables: pytest-benchmark turns itself off when it sees them, e.g. when this script
+  # runs inside the test suite's xdist workers)
+  part benchmarks "$BENCHMARK_LIMIT" env -u PYTEST_XDIST_WORKER -u PYTEST_XDIST_WORKER_COUNT \
+    "$PY" -m pytest "${BENCHMARK_ARGS[@]}" --benchmark-only \
+    --benchmark-json="$OUT/benchmarks.json" -q -p no:cacheprovider
+  [ -s "$OUT/benchmarks.json" ] || rm -f "$OUT/benchmarks.json"  # created empty at the start: killed before the end
+else
+  echo "| benchmarks | skipped (pytest-benchmark not installed) | 0 |" >> "$OUT/parts.txt"
+fi
+
 wait "$BG" 2>/dev/null
 
-# 7. one summary (compact tables; the full ones are in each part's .md), then logs and per-part markdown packed
+# 8. one summary (compact tables; the full ones are in each part's .md), then logs and per-part markdown packed
 # into logs.tar.gz so that at most 8 files remain
 echo "| total | - | $(( $(date +%s) - T0 )) |" >> "$OUT/parts.txt"
 timeout 20 "$PY" -m bench.report "$OUT" > "$OUT/summary.log" 2>&1 || cp "$OUT/summary.log" "$OUT/summary.md"

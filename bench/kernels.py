@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: every hot op at MiniMind2 shapes, on every implementation that can run here.
 
-    python -m bench.kernels [--op rms_norm|add_rms_norm|rope|swiglu|linear_cross_entropy|linear_logprobs|moe|all]
+    python -m bench.kernels [--op rms_norm|add_rms_norm|rope|qk_norm_rope|swiglu|linear_cross_entropy|linear_logprobs|
+                                  moe|all]
                             [--variants torch torch_compile triton liger torch_F grouped_mm] [--out DIR]
     python -m bench.kernels --cpu-smoke --out DIR     # tiny sizes on the CPU, to prove the harness (labelled CPU)
 
@@ -8,6 +9,7 @@ Without a CUDA GPU (and without --cpu-smoke) it says so and measures nothing.
 
 Shapes (MiniMind2): 16,384 tokens (batch 32 x 512); hidden 512 and 768 (SwiGLU width 1408 / 2048, 8 query and
 2 key/value heads of dim 64 / 96); vocab 6400; MoE: hidden 640, expert width 1728, 4 experts, top-2.
+qk_norm_rope at minimind-3's shape: 8 query and 4 key/value heads of dim 96 (liger: its rms_norm then its rope).
 Precision as the engine trains: activations bf16, parameters fp32, every call inside bf16 autocast.
 
 Variants: torch = kernels/reference.py (for moe that is MiniMind2's per-expert loop), torch_compile =
@@ -48,7 +50,8 @@ import torch.nn.functional as F
 
 from bench import report
 
-OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "linear_cross_entropy", "linear_logprobs", "moe")
+OPS = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "swiglu", "linear_cross_entropy", "linear_logprobs",
+       "moe")
 VARIANTS = ("torch", "torch_compile", "triton", "liger", "torch_F", "grouped_mm")
 # which variants apply to which op (moe's loop graph-breaks on data-dependent shapes: no torch_compile for it)
 OP_VARIANTS = {op: ("torch", "torch_compile", "triton", "liger") for op in OPS}
@@ -75,6 +78,7 @@ class Sizes:
     moe_inter: int = 1728
     experts: int = 4
     top_k: int = 2
+    qk_norm_heads: tuple = (8, 4, 96)  # minimind-3's q heads, kv heads, head dim
     copy_bytes: int = 2 << 30       # one 2 GiB buffer copied (4 GiB moved)
     matmul: int = 8192              # bf16 square matmul for the TFLOP/s ceiling
 
@@ -84,7 +88,7 @@ class Sizes:
 
 
 CPU_SMOKE = Sizes(batch=2, seq=16, hiddens=(64,), heads=4, kv_heads=2, vocab=128, moe_hidden=32, moe_inter=48,
-                  experts=4, top_k=2, copy_bytes=8 << 20, matmul=128)
+                  experts=4, top_k=2, qk_norm_heads=(4, 2, 16), copy_bytes=8 << 20, matmul=128)
 
 
 def intermediate(hidden):
@@ -156,6 +160,19 @@ def build_cases(sizes, act_dtype, ops):
                             labels.to(dev)]
                 cases.append(Case(op, f"{tag},V={V}", make_ce, (0, 1), flops_fwd=2 * N * H * V,
                                   flops_fwdbwd=6 * N * H * V, hidden=H))
+    if "qk_norm_rope" in ops:
+        Hq, Hkv, D = sizes.qk_norm_heads
+
+        def make_qk_norm_rope(dev, dt):
+            from minimind.model import rope_tables
+            cos, sin = rope_tables(D, T)
+            return [_randn((B, T, Hq, D), dev, dt, seed=19), _randn((B, T, Hkv, D), dev, dt, seed=20),
+                    1 + _randn((D,), dev, torch.float32, 0.1, seed=21), 1 + _randn((D,), dev, torch.float32, 0.1,
+                                                                                   seed=22), cos.to(dev), sin.to(dev)]
+        qk = N * (Hq + Hkv) * D
+        one_way = 2 * qk * s + 2 * T * D * w + 2 * D * w  # q, k in and out; the tables; the two norm weights
+        cases.append(Case("qk_norm_rope", f"N={N},Hq={Hq},Hkv={Hkv},D={D}", make_qk_norm_rope, (0, 1, 2, 3),
+                          bytes_fwd=one_way, bytes_fwdbwd=one_way + (3 * qk * s + 2 * T * D * w + 4 * D * w)))
     if "moe" in ops:
         H, I, E, K = sizes.moe_hidden, sizes.moe_inter, sizes.experts, sizes.top_k
 
@@ -171,7 +188,8 @@ def build_cases(sizes, act_dtype, ops):
                           flops_fwd=6 * N * K * H * I, flops_fwdbwd=18 * N * K * H * I))
     # most informative first, so that a --budget_s cut loses the least: every op at the first hidden size
     # (linear cross-entropy and MoE leading), then the other hidden sizes
-    priority = ("linear_cross_entropy", "moe", "rms_norm", "add_rms_norm", "swiglu", "rope", "linear_logprobs")
+    priority = ("linear_cross_entropy", "moe", "rms_norm", "add_rms_norm", "swiglu", "rope", "qk_norm_rope",
+                "linear_logprobs")
     return sorted(cases, key=lambda c: (c.hidden not in (None, sizes.hiddens[0]), priority.index(c.op)))
 
 
@@ -568,15 +586,15 @@ def compact(doc):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Kernel microbenchmarks at MiniMind2 shapes (GPU; --cpu-smoke for a "
                                             "tiny CPU run of the harness).")
-    p.add_argument("--op", default="all", choices=OPS + ("all",))
+    p.add_argument("--op", default="all", choices=OPS + ("all",), help="one op, or all (default)")
     p.add_argument("--variants", nargs="*", default=None, help=f"subset of {VARIANTS} (default: all that apply)")
     p.add_argument("--out", default=None, help="folder for kernels.json and kernels.md")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (fp32), labelled CPU")
     p.add_argument("--budget_s", type=float, default=None,
                    help="start no new measurement after this many seconds (no torch_compile one with less than "
                         f"{COMPILE_SECONDS_NEEDED} s of it left)")
-    p.add_argument("--warmup_ms", type=float, default=25)
-    p.add_argument("--rep_ms", type=float, default=100)
+    p.add_argument("--warmup_ms", type=float, default=25, help="warm-up time per measurement (default %(default)s)")
+    p.add_argument("--rep_ms", type=float, default=100, help="timed time per measurement (default %(default)s)")
     args = p.parse_args(argv)
     if args.variants:
         bad = [v for v in args.variants if v not in VARIANTS]

@@ -164,12 +164,29 @@ def summary(out_dir):
                 lines.append(module.compact(json.load(f)))
         except Exception as e:  # a broken part must not take the summary down
             lines.append(f"## {name}: could not summarise {path}: {type(e).__name__}: {e}")
+    path = os.path.join(out_dir, "benchmarks.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines += ["", benchmarks_compact(json.load(f))]
+        except Exception as e:
+            lines += ["", f"## benchmarks: could not summarise {path}: {type(e).__name__}: {e}"]
     return "\n".join(lines)
+
+
+def benchmarks_compact(doc):
+    """pytest-benchmark's JSON (bench/test_*_benchmarks.py) as one table: median and rounds, and the rates each
+    benchmark put in its extra_info."""
+    rows = [{"benchmark": b["name"], "median ms": b["stats"]["median"] * 1e3, "rounds": b["stats"]["rounds"],
+             "extra": ", ".join(f"{k} {fmt(v)}" for k, v in (b.get("extra_info") or {}).items())}
+            for b in doc.get("benchmarks", [])]
+    return "\n".join(["## pytest-benchmark (bench/test_*_benchmarks.py)", "",
+                      markdown_table(rows, [(k, k) for k in ("benchmark", "median ms", "rounds", "extra")])])
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write OUTDIR/summary.md for a bench/gpu_suite.sh run and print it.")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="the folder bench/gpu_suite.sh wrote")
     args = p.parse_args(argv)
     text = summary(args.out_dir)
     write_text(os.path.join(args.out_dir, "summary.md"), text)

@@ -1,6 +1,7 @@
 """End-to-end training throughput: one real optimizer step of the engine, timed, for each preset and variant.
 
-    python -m bench.throughput [--preset small|base|moe|all] [--seq_len 512 [1024]] [--batch_size N]
+    python -m bench.throughput [--preset small|base|moe|minimind3|minimind3-moe|all] [--seq_len 512 [1024]]
+                               [--batch_size N]
                                [--variants minimind2 torch torch+compile liger triton triton+compile] [--out DIR]
     python -m bench.throughput --cpu-smoke --out DIR     # tiny models on the CPU, to prove the harness (labelled CPU)
 
@@ -13,6 +14,8 @@ Variants (same step, configured differently):
                     fp16 autocast + GradScaler, one document per row padded to seq_len (pads get no loss; like
                     MiniMind2, no attention mask: pads sit after the text, so causal attention keeps them out).
                     It keeps the engine's fused AdamW (MiniMind2's default AdamW is slower): speedups understate.
+                    For the minimind-3 presets it is minimind-3's trainer, the same but in bf16 autocast without the
+                    GradScaler (minimind-3's train scripts honour --dtype, default bfloat16).
     torch           torch kernels, bf16 autocast, packed rows (no padding)
     torch+compile   the same with every decoder block under torch.compile (engine.compile_blocks, the engine's
                     --compile)
@@ -78,10 +81,16 @@ DEFAULT_TOKENS_PER_STEP = 16384
 COMPILE_SECONDS_NEEDED = 60  # a compile variant is not started with less of --budget_s left
 
 
+# "all" in this order, cheapest first under a time budget (minimind-3: 64M parameters; its MoE 64M active)
+PRESET_ORDER = ("small", "moe", "minimind3", "minimind3-moe", "base")
+
+
 def tiny_config(preset):
-    """The CPU smoke run's model: the preset's kind (dense / MoE) at toy width."""
-    return MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          vocab_size=256, use_moe=PRESETS[preset].get("use_moe", False), intermediate_size=96)
+    """The CPU smoke run's model: the preset's structure (dense / MoE; MiniMind2's 4 / 2 heads, minimind-3's
+    8 / 4 heads with q/k norm) at toy width."""
+    heads = dict(head_dim=16) if PRESETS[preset].get("qk_norm") else dict(num_attention_heads=4, num_key_value_heads=2)
+    return MiniMindConfig.from_preset(preset, hidden_size=64, num_hidden_layers=2, vocab_size=256,
+                                      intermediate_size=96, **heads)
 
 
 def row_lengths(batch, seq_len, pad_fraction, generator):
@@ -244,7 +253,7 @@ def markdown(doc):
             ("peak GiB", "peak_GiB"), ("first step s", "first_step_s"), ("loss", "loss"),
             ("status", _status)]
     order = {name: i for i, name in enumerate(VARIANTS)}
-    rows = sorted(doc["results"], key=lambda r: (r["seq_len"], ("small", "moe", "base").index(r["preset"]),
+    rows = sorted(doc["results"], key=lambda r: (r["seq_len"], PRESET_ORDER.index(r["preset"]),
                                                  order[r["variant"]]))
     lines.append(report.markdown_table(rows, cols))
     return "\n".join(lines)
@@ -279,7 +288,8 @@ def compact(doc):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Time one training step of the engine per preset and variant.")
-    p.add_argument("--preset", default="all", choices=sorted(PRESETS) + ["all"])
+    p.add_argument("--preset", default="all", choices=list(PRESET_ORDER) + ["all"],
+                   help="one preset, or all (default)")
     p.add_argument("--seq_len", type=int, nargs="+", default=None, help="default 512 (32 with --cpu-smoke)")
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"rows per step (default {DEFAULT_TOKENS_PER_STEP} tokens / seq_len: MiniMind2's 32 x 512)")
@@ -288,8 +298,8 @@ def main(argv=None):
     p.add_argument("--pad_fraction_from", default=None, metavar="PRETRAIN.jsonl",
                    help="take the padding share from this pretrain file, one document per row as MiniMind2 "
                         "pads it (counted through minimind.data); overrides --pad_fraction")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps (default %(default)s)")
     p.add_argument("--peak_tflops", type=float, default=None, help="override the device peak for MFU")
     p.add_argument("--budget_s", type=float, default=None, help="start no new measurement after this many seconds")
     p.add_argument("--out", default=None, help="folder for throughput.json and throughput.md")
@@ -319,8 +329,7 @@ def main(argv=None):
         print("bench.throughput: no CUDA GPU here, so nothing is measured (use --cpu-smoke to test the harness).")
         return 0
     peak = engine.peak_flops(device, args.peak_tflops)
-    presets = sorted(PRESETS) if args.preset == "all" else [args.preset]
-    presets = [x for x in ("small", "moe", "base") if x in presets]  # cheapest first under a time budget
+    presets = list(PRESET_ORDER) if args.preset == "all" else [args.preset]
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     doc = {"kind": "throughput", "env": env, "warmup": args.warmup, "repeats": args.repeats,
            "pad_fraction": args.pad_fraction, "peak_TFLOPs": peak / 1e12 if peak else None,
@@ -330,6 +339,8 @@ def main(argv=None):
         cfg = tiny_config(preset) if args.cpu_smoke else MiniMindConfig.from_preset(preset)
         batch_size = args.batch_size or (2 if args.cpu_smoke else max(1, DEFAULT_TOKENS_PER_STEP // seq_len))
         v = VARIANTS[name]
+        if name == "minimind2" and PRESETS[preset].get("qk_norm"):  # minimind-3's trainer: bf16, no GradScaler
+            v = Variant(v.name, v.kernels, "bf16", v.compile, v.padded)
         if args.cpu_smoke:  # fp32 on the CPU: no fp16 loss scaling there, and it only proves the harness
             v = Variant(v.name, v.kernels, "fp32", v.compile, v.padded)
         row = {"preset": preset, "seq_len": seq_len, "batch_size": batch_size, "variant": name,
@@ -356,7 +367,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         doc["results"].append(row)
         add_speedups(doc["results"])
-        print(f"  {preset:5s} seq {seq_len:5d} x {batch_size:3d} {name:15s} "
+        print(f"  {preset:13s} seq {seq_len:5d} x {batch_size:3d} {name:15s} "
               + (f"{row['step_ms']:9.2f} ms  {row['useful_tokens_per_s']:12,.0f} useful tok/s  "
                  f"speedup {report.fmt(row.get('speedup'))}" if row["status"] == "ok"
                  else f"{row['status']}: {row.get('reason', '')[:160]}"), flush=True)

@@ -42,7 +42,8 @@ from minimind.config import PRESETS, MiniMindConfig
 TARGETS = (80, 86, 90)  # A100, RTX 3090 / A10, H100 / H200
 _PRESETS = [MiniMindConfig.from_preset(name) for name in PRESETS]
 HIDDEN = sorted({c.hidden_size for c in _PRESETS})                                    # 512, 640, 768
-HEADS = sorted({(c.num_attention_heads, c.num_key_value_heads, c.head_dim) for c in _PRESETS})  # D 64, 80, 96
+# (q heads, kv heads, head dim): MiniMind2's 8/2 of 64, 80, 96 and minimind-3's 8/4 of 96
+HEADS = sorted({(c.num_attention_heads, c.num_key_value_heads, c.head_dim) for c in _PRESETS})
 VOCAB = sorted({c.vocab_size for c in _PRESETS})                                      # 6400
 # (activation dtype, weight dtype): mixed-precision training keeps fp32 weights; a bf16 model has bf16 weights.
 DTYPES = (("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("bf16", "bf16"))
@@ -69,7 +70,8 @@ def _rms_norm_cases():
     for H in HIDDEN:
         for xt, wt in DTYPES:
             # residual in x's dtype, or in fp32 (under autocast the residual stream is fp32, the sublayers' bf16);
-            # h and y come out in the promoted dtype ot, which also sets the block and warps
+            # h and y come out in the promoted dtype ot, which also sets the block and warps. The backward stores
+            # x's gradient in x's dtype and, where the residual's dtype differs, the residual's in that dtype
             for residual, rt in ((False, xt), (True, xt), (True, "fp32")):
                 ot = "fp32" if rt == "fp32" else xt
                 block, warps = m.rms_norm_config(H, BYTES[ot])
@@ -79,11 +81,13 @@ def _rms_norm_cases():
                                      "RSTD": "*fp32", "n_cols": "i32", "eps": "fp32"},
                               constexprs={"HAS_RESIDUAL": residual, "BLOCK": block}, num_warps=warps,
                               divisible_by_16=("n_cols",))
-                yield AOTCase(f"rms_norm_bwd[BLOCK={block},{ot}/{wt}{',dh' if residual else ''}]",
-                              m._rms_norm_bwd_kernel,
+                has_dr = rt != xt
+                yield AOTCase(f"rms_norm_bwd[BLOCK={block},{ot}/{wt}{',dh' if residual else ''}"
+                              f"{f',dx {xt},dr {rt}' if has_dr else ''}]", m._rms_norm_bwd_kernel,
                               types={"DY": f"*{ot}", "X": f"*{ot}", "W": f"*{wt}", "RSTD": "*fp32", "DH": f"*{ot}",
-                                     "DX": f"*{ot}", "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32"},
-                              constexprs={"HAS_DH": residual, "BLOCK": block}, num_warps=warps,
+                                     "DX": f"*{xt}", "DR": f"*{rt}", "DW_PARTIAL": "*fp32", "n_rows": "i32",
+                                     "n_cols": "i32"},
+                              constexprs={"HAS_DH": residual, "HAS_DR": has_dr, "BLOCK": block}, num_warps=warps,
                               divisible_by_16=("n_cols",))
 
 
@@ -102,6 +106,29 @@ def _rope_cases():
                               constexprs={"BACKWARD": backward, "BLOCK_HQ": block_hq, "BLOCK_HKV": block_hkv,
                                           "BLOCK_HALF": block_half},
                               num_warps=warps, divisible_by_16=("q_sb", "q_st", "k_sb", "k_st", "cos_stride"))
+
+
+def _qk_norm_rope_cases():
+    """Every head shape of the presets (minimind-3's 8/4 of 96, and MiniMind2's with --qk_norm 1), activations in
+    each dtype with fp32 norm weights (mixed precision) or bf16 ones (a bf16 model)."""
+    from kernels import qk_norm_rope as m
+    for n_q, n_kv, D in HEADS:
+        block_hq, block_hkv, block_half, warps, bwd_warps = m.qk_norm_rope_config(n_q, n_kv, D)
+        blocks = {"BLOCK_HQ": block_hq, "BLOCK_HKV": block_hkv, "BLOCK_HALF": block_half}
+        label = ",".join(f"{k}={v}" for k, v in blocks.items())
+        strides = ("q_sb", "q_st", "q_sh", "k_sb", "k_st", "k_sh", "cos_stride")  # multiples of D, and of 16
+        ints = (*strides, "seq_len", "offset", "n_q_heads", "n_kv_heads", "half")
+        div16 = strides + (("half",) if D // 2 % 16 == 0 else ())
+        for xt, wt in DTYPES:
+            common = {"Q": f"*{xt}", "K": f"*{xt}", "QW": f"*{wt}", "KW": f"*{wt}", "COS": "*fp32", "SIN": "*fp32",
+                      **{name: "i32" for name in ints}, "eps": "fp32"}
+            yield AOTCase(f"qk_norm_rope_fwd[{label},half={D // 2},{xt}/{wt}]", m._qk_norm_rope_fwd_kernel,
+                          types={**common, "QO": f"*{xt}", "KO": f"*{xt}"}, constexprs=blocks, num_warps=warps,
+                          divisible_by_16=div16)
+            yield AOTCase(f"qk_norm_rope_bwd[{label},half={D // 2},{xt}/{wt}]", m._qk_norm_rope_bwd_kernel,
+                          types={**common, "DQO": f"*{xt}", "DKO": f"*{xt}", "DQ": f"*{xt}", "DK": f"*{xt}",
+                                 "DQW_PARTIAL": "*fp32", "DKW_PARTIAL": "*fp32", "n_tokens": "i32"},
+                          constexprs=blocks, num_warps=bwd_warps, divisible_by_16=div16)
 
 
 def _swiglu_cases():
@@ -187,6 +214,7 @@ def _moe_cases():
 CASES = {
     "rms_norm": _rms_norm_cases,
     "rope": _rope_cases,
+    "qk_norm_rope": _qk_norm_rope_cases,
     "swiglu": _swiglu_cases,
     "linear_cross_entropy": _linear_cross_entropy_cases,
     "moe": _moe_cases,

@@ -2,6 +2,7 @@
 
     ops = get_backend("torch" | "triton" | "liger")
     ops.rms_norm(x, w, eps); ops.add_rms_norm(x, r, w, eps); ops.rope(q, k, cos, sin, offset)
+    ops.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset, eps)          (minimind-3's q/k norm, then RoPE)
     ops.swiglu(g, u); ops.linear_cross_entropy(h, W, labels, ...); ops.linear_logprobs(h, W, labels)
     ops.moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
@@ -12,13 +13,15 @@ import importlib
 import os
 from types import SimpleNamespace
 
-OPS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "linear_cross_entropy", "linear_logprobs", "moe_experts")
+OPS = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "swiglu", "linear_cross_entropy", "linear_logprobs",
+       "moe_experts")
 
 # op -> "module:function" of the triton backend; each kernel file exports its op.
 TRITON_OPS = {
     "rms_norm": "kernels.rms_norm:rms_norm",
     "add_rms_norm": "kernels.rms_norm:add_rms_norm",
     "rope": "kernels.rope:rope",
+    "qk_norm_rope": "kernels.qk_norm_rope:qk_norm_rope",
     "swiglu": "kernels.swiglu:swiglu",
     "linear_cross_entropy": "kernels.linear_cross_entropy:linear_cross_entropy",
     "linear_logprobs": "kernels.linear_cross_entropy:linear_logprobs",

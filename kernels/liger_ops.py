@@ -6,6 +6,9 @@ Layouts and semantics are adapted to kernels/reference.py:
 - rope: liger wants q (B, H, T, D) and cos/sin (T, D); ours are (B, T, H, D), so it gets transposed views (its kernel
   works on the same (B, T, H, D) storage). Liger rotates q and k in place (as in its Hugging Face use): the model
   never reads the unrotated q/k again.
+- qk_norm_rope: liger has no fused q/k norm + RoPE; its rms_norm (over the head dim, all heads at once, the same
+  "gemma" casting) and then its rope, two launches. The normalised q/k are rounded to the input dtype in between
+  (the reference rounds once, at the end).
 - linear_cross_entropy: liger's fused linear cross-entropy with reduction "sum" or "none"; the reference's mean (over
   non-ignored tokens, weighted by per-token weights, 0 when every label is ignored) is taken here, because liger's
   `ce_weight` weights classes, not tokens. z_loss is liger's lse_square_scale (z_loss * lse^2 per token).
@@ -34,6 +37,10 @@ def rope(q, k, cos, sin, offset=0):
     cos, sin = cos[None, offset:offset + T], sin[None, offset:offset + T]
     qo, ko = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     return qo.transpose(1, 2), ko.transpose(1, 2)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset=0, eps=1e-6):
+    return rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin, offset)
 
 
 def swiglu(gate, up):

@@ -5,6 +5,7 @@ lm_head weight, without ever holding the full tokens x vocab logits.
     lse_i    = log sum_j exp(logits_ij)                  in float32, online over vocab blocks
     raw_i    = lse_i - logits_i[labels_i] + z * lse_i^2  0 where labels_i == ignore_index
     linear_cross_entropy: l_i = w_i * raw_i; "none" -> l, "sum" -> sum l_i, "mean" -> sum l_i / sum_valid w_i
+                          (w_i scales the z term too, unlike Liger's; see kernels/reference.py)
     linear_logprobs:      -raw_i (with z = 0)
     d raw_i / d logits_ij = (1 + 2 z lse_i) * softmax_ij - [j == labels_i]
 
@@ -257,3 +258,16 @@ def linear_logprobs(hidden, weight, labels, ignore_index=-100):
     _check_labels(labels, ignore_index, weight.shape[0])
     minus_one = torch.full(labels.shape, -1.0, dtype=torch.float32, device=hidden.device)
     return _TokenLinearCrossEntropy.apply(hidden, weight, labels, minus_one, ignore_index, 0.0, dtype)
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once (the second pass over a
+    row of logits re-reads what the first just read). bench/launches.py uses it; tests/test_traffic.py checks it."""
+    if kernel != "_cross_entropy_rows_kernel":
+        return None
+    rows, vocab, grad = args["n_rows"], args["n_vocab"], args["WRITE_GRAD"]
+    logits = rows * vocab * args["logits_ptr"].element_size()
+    return {"logits_ptr": (logits, logits if grad else 0), "labels_ptr": (rows * args["labels_ptr"].element_size(), 0),
+            "coef_ptr": (rows * args["coef_ptr"].element_size() if grad else 0, 0),
+            "loss_ptr": (0, rows * args["loss_ptr"].element_size())}

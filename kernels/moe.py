@@ -400,3 +400,64 @@ def moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down):
     args = (x.contiguous(), topk_idx, topk_weight.contiguous(), w_gate.contiguous(), w_up.contiguous(),
             w_down.contiguous())
     return MoEExperts.apply(*args).to(dtype)
+
+
+def _expert_rows(args):
+    """Rows per expert of a launch: args["expert_rows"] when given (the step model has no routing data and
+    assumes it), else read from OFFSETS."""
+    if "expert_rows" in args:
+        return list(args["expert_rows"])
+    offsets = args["OFFSETS"].tolist()
+    return [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once: a GEMM operand re-read by
+    several tiles counts once (the L2-ideal traffic), a token row gathered for each of its K slots counts once.
+    The rows per expert come from OFFSETS (or args["expert_rows"]). bench/launches.py uses it;
+    tests/test_traffic.py checks it."""
+    def size(name, n):
+        return n * args[name].element_size()
+    if kernel == "_combine_kernel":
+        N, K, C = grid[0], args["K"], args["C"]
+        return {"SLOTS": (size("SLOTS", N * K * C), 0), "TOPK_W": (size("TOPK_W", N * K) if args["WEIGHTED"] else 0, 0),
+                "OUT": (0, size("OUT", N * C))}
+    rows = _expert_rows(args)
+    M, E, used = sum(rows), len(rows), sum(r > 0 for r in rows)
+    N = M // args["K"] if "K" in args else None
+    common = {"PERM": (size("PERM", M), 0), "OFFSETS": (size("OFFSETS", E + 1), 0)}
+    if kernel == "_gate_up_kernel":
+        H, I, back = args["H"], args["I"], args["BACKWARD"]
+        out = {**common, "X": (size("X", N * H), 0), "W_GATE": (size("W_GATE", used * I * H), 0),
+               "W_UP": (size("W_UP", used * I * H), 0), "H_OUT": (0, size("H_OUT", M * I))}
+        if back:
+            out.update(DOUT=(size("DOUT", N * H), 0), W_DOWN=(size("W_DOWN", used * H * I), 0),
+                       TOPK_W=(size("TOPK_W", M), 0), DG=(0, size("DG", M * I)), DU=(0, size("DU", M * I)),
+                       DW_PART=(0, size("DW_PART", M * grid[0])))
+        return out
+    if kernel == "_rows_to_slots_kernel":
+        R, C = args["R"], args["C"]
+        out = {**common, "A1": (size("A1", M * R), 0), "B1": (size("B1", used * R * C), 0),
+               "OUT": (0, size("OUT", M * C))}
+        if args["TWO"]:
+            out.update(A2=(size("A2", M * R), 0), B2=(size("B2", used * R * C), 0))
+        return out
+    if kernel == "_weight_grad_kernel":
+        P, Q = args["P"], args["Q"]
+        a_rows, b_rows = (N if args["A_GATHER"] else M), (N if args["B_GATHER"] else M)
+        return {**common, "A": (size("A", a_rows * P) if M else 0, 0), "B": (size("B", b_rows * Q) if M else 0, 0),
+                "TOPK_W": (size("TOPK_W", M) if args["A_GATHER"] else 0, 0), "DW": (0, size("DW", E * P * Q))}
+    return None
+
+
+def flops(kernel, grid, args):
+    """Multiply-add FLOPs (2 per product) of one launch of a grouped GEMM of this file; 0 for the others."""
+    if kernel not in ("_gate_up_kernel", "_rows_to_slots_kernel", "_weight_grad_kernel"):
+        return 0
+    M = sum(_expert_rows(args))
+    if kernel == "_gate_up_kernel":
+        return 2 * M * args["I"] * args["H"] * (3 if args["BACKWARD"] else 2)
+    if kernel == "_rows_to_slots_kernel":
+        return 2 * M * args["R"] * args["C"] * (2 if args["TWO"] else 1)
+    return 2 * M * args["P"] * args["Q"]

@@ -37,11 +37,25 @@ def rope(q, k, cos, sin, offset=0):
     q (B, T, Hq, D), k (B, T, Hkv, D); cos, sin (>= offset + T, D) with each half repeated twice.
     Rows offset .. offset + T of cos/sin are used (offset = number of cached positions when decoding).
     """
+    if q.shape[-1] % 2 or k.shape[-1] % 2:
+        raise ValueError(f"kernels/reference.py: rope needs an even head dim, got {q.shape[-1]} (q), "
+                         f"{k.shape[-1]} (k)")
     T = q.shape[1]
     c = cos[offset:offset + T].float()[None, :, None, :]
     s = sin[offset:offset + T].float()[None, :, None, :]
     rq = q.float() * c + rotate_half(q.float()) * s
     rk = k.float() * c + rotate_half(k.float()) * s
+    return rq.to(q.dtype), rk.to(k.dtype)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin, offset=0, eps=1e-6):
+    """minimind-3's q/k norm then RoPE: rope(rms_norm(q, q_weight), rms_norm(k, k_weight)), the norm over the
+    head dim D with one weight (D,) shared by all heads of q (of k). Float32 throughout, one rounding at the end.
+
+    q (B, T, Hq, D), k (B, T, Hkv, D); cos, sin as in `rope`. Returns (q, k) in their dtypes.
+    """
+    qn, kn = rms_norm(q.float(), q_weight, eps), rms_norm(k.float(), k_weight, eps)
+    rq, rk = rope(qn, kn, cos, sin, offset)
     return rq.to(q.dtype), rk.to(k.dtype)
 
 
@@ -71,6 +85,8 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, token_weight
     per-token loss l_i = w_i * (logsumexp(logits_i) - logits_i[labels_i] + z_loss * logsumexp(logits_i)^2),
     0 where labels_i == ignore_index. reduction: "none" -> (N,), "sum" -> sum l_i,
     "mean" -> sum l_i / sum w_i over non-ignored tokens (0 if there are none).
+    The token weight scales the z-loss term too (Liger's fused cross-entropy leaves its lse^2 term unweighted): a
+    token that counts double in the loss counts double in the logit-size penalty.
     """
     loss, valid = _token_losses(hidden, weight, labels, ignore_index, z_loss)
     w = valid.float() if token_weights is None else token_weights.float() * valid

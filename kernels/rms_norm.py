@@ -4,10 +4,14 @@
     add_rms_norm:  h = round(x + r);  y = h * rstd * w                                     returns (h, y)
 
 Math in float32 whatever the dtypes. rms_norm stores y in x.dtype; add_rms_norm stores h and y in the promoted dtype
-of x and r (h rounded before it is normalised, as in kernels/reference.py), so an fp32 residual stream stays fp32. The forward saves rstd (one float32 per row). With xhat = h * rstd and g = dy * w:
+of x and r (h rounded before it is normalised, as in kernels/reference.py), so an fp32 residual stream stays fp32.
+The forward saves rstd (one float32 per row). With xhat = h * rstd and g = dy * w:
 
     dh = rstd * (g - xhat * mean(g * xhat))  (+ the incoming grad of h for add_rms_norm; x and r both get it)
     dw = sum over rows of dy * xhat          (per-program partial sums (P, H), then one torch sum: no atomics)
+
+add_rms_norm's backward stores dh once per dtype: in x.dtype for x and, when it differs (under autocast: a bf16
+sublayer output, the float32 residual stream), a second time in the residual's dtype, from the same kernel.
 
 One program normalises one row (BLOCK = next power of two >= H, the tail masked). The backward runs P programs,
 each looping over rows pid, pid + P, ... and keeping its dw partial in registers.
@@ -37,8 +41,8 @@ def _rms_norm_fwd_kernel(X, R, H, W, Y, RSTD, n_cols, eps,
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PARTIAL, n_rows, n_cols,
-                         HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DH, DX, DR, DW_PARTIAL, n_rows, n_cols,
+                         HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -56,6 +60,8 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PARTIAL, n_rows, n_cols,
         if HAS_DH:
             dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DR:  # the same gradient, in the residual's dtype
+            tl.store(DR + offs, dx.to(DR.dtype.element_ty), mask=mask)
         dw += dy * xhat
     tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
@@ -106,20 +112,23 @@ def _forward(x, residual, weight, eps):
     return (None if h is None else h.view(x.shape)), y.view(x.shape), rstd, x2
 
 
-def _backward(dy, x, weight, rstd, dh):
-    """dy, x (N, H) contiguous; dh (N, H) or None. Returns (dx (N, H) in x.dtype, dw in weight.dtype)."""
+def _backward(dy, x, weight, rstd, dh, dx_dtype, dr_dtype=None):
+    """dy, x (N, H) contiguous; dh (N, H) or None. Returns (dx (N, H) in dx_dtype, dr (N, H) in dr_dtype or None
+    when dr_dtype is None, dw in weight.dtype): dx and dr hold the same gradient, stored by the one kernel."""
     n_rows, n_cols = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=dx_dtype)
+    dr = None if dr_dtype is None else torch.empty_like(x, dtype=dr_dtype)
     block, warps = rms_norm_config(n_cols, x.element_size())
     programs = rms_norm_bwd_programs(n_rows, warps, x.device)
     partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     if n_rows:
         _rms_norm_bwd_kernel[(programs,)](dy, x, weight.contiguous(), rstd, dh if dh is not None else dy, dx,
-                                          partial, n_rows, n_cols, HAS_DH=dh is not None, BLOCK=block,
+                                          dr if dr is not None else dx, partial, n_rows, n_cols,
+                                          HAS_DH=dh is not None, HAS_DR=dr is not None, BLOCK=block,
                                           num_warps=warps)
     else:
         partial.zero_()
-    return dx, partial.sum(0).to(weight.dtype)
+    return dx, dr, partial.sum(0).to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -132,7 +141,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(dy.reshape(x2.shape).contiguous(), x2, weight, rstd, None)
+        dx, _, dw = _backward(dy.reshape(x2.shape).contiguous(), x2, weight, rstd, None, x2.dtype)
         return dx.view(dy.shape), dw, None
 
 
@@ -151,10 +160,13 @@ class AddRMSNormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(h2)
         dh2 = None if dh is None else dh.reshape(h2.shape).contiguous()
-        dx, dw = _backward(dy.reshape(h2.shape).contiguous(), h2, weight, rstd, dh2)
+        x_dtype, r_dtype = ctx.dtypes
+        dx, dr, dw = _backward(dy.reshape(h2.shape).contiguous(), h2, weight, rstd, dh2, x_dtype,
+                               None if r_dtype == x_dtype else r_dtype)
+        # h = x + r, so x and r receive the same gradient: one tensor for both when their dtypes agree (autograd
+        # copies before accumulating into an alias), else the kernel's second store in r's dtype
         dx = dx.view(ctx.shape)
-        # h = x + r, so x and r receive the same gradient (autograd copies before accumulating into an alias)
-        return dx.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dw, None
+        return dx, dx if dr is None else dr.view(ctx.shape), dw, None
 
 
 def rms_norm(x, weight, eps=1e-5):
@@ -167,3 +179,25 @@ def add_rms_norm(x, residual, weight, eps=1e-5):
     """h = x + residual; y = rms_norm(h). Returns (h, y), both (..., H) in the promoted dtype of x and residual."""
     _check(x, weight, residual)
     return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once (so W, re-read by every
+    row, counts once). args: the launch's arguments by name. bench/launches.py uses it; tests/test_traffic.py
+    checks it against the interpreter."""
+    def size(name, n):
+        return n * args[name].element_size()
+    n_cols = args["n_cols"]
+    if kernel == "_rms_norm_fwd_kernel":
+        rows, res = grid[0], args["HAS_RESIDUAL"]
+        return {"X": (size("X", rows * n_cols), 0), "R": (size("R", rows * n_cols) if res else 0, 0),
+                "H": (0, size("H", rows * n_cols) if res else 0), "W": (size("W", n_cols), 0),
+                "Y": (0, size("Y", rows * n_cols)), "RSTD": (0, size("RSTD", rows))}
+    if kernel == "_rms_norm_bwd_kernel":
+        rows, programs = args["n_rows"], grid[0]
+        return {"DY": (size("DY", rows * n_cols), 0), "X": (size("X", rows * n_cols), 0), "W": (size("W", n_cols), 0),
+                "RSTD": (size("RSTD", rows), 0), "DH": (size("DH", rows * n_cols) if args["HAS_DH"] else 0, 0),
+                "DX": (0, size("DX", rows * n_cols)), "DR": (0, size("DR", rows * n_cols) if args["HAS_DR"] else 0),
+                "DW_PARTIAL": (0, size("DW_PARTIAL", programs * n_cols))}
+    return None

@@ -99,17 +99,38 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-def rope(q, k, cos, sin, offset=0):
-    """q (B, T, Hq, D), k (B, T, Hkv, D); cos, sin (>= offset + T, D) -> rotated (q, k), same shapes and dtypes."""
+def check_rope_args(q, k, cos, sin, offset, where="kernels/rope.py"):
+    """ValueError, naming `where`, unless q (B, T, Hq, D), k (B, T, Hkv, D) with D even, cos and sin
+    (>= offset + T, D) and offset >= 0 (kernels/qk_norm_rope.py checks its q, k and tables with it too)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"kernels/rope.py: q must be (B, T, Hq, D) and k (B, T, Hkv, D) with the same B, T, D; "
+        raise ValueError(f"{where}: q must be (B, T, Hq, D) and k (B, T, Hkv, D) with the same B, T, D; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
     T, D = q.shape[1], q.shape[3]
     if D % 2:
-        raise ValueError(f"kernels/rope.py: head dim must be even, got {D}")
+        raise ValueError(f"{where}: head dim must be even, got {D}")
     if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != D or cos.shape[0] < offset + T:
-        raise ValueError(f"kernels/rope.py: cos and sin must be (>= offset + T = {offset + T}, D = {D}); "
+        raise ValueError(f"{where}: cos and sin must be (>= offset + T = {offset + T}, D = {D}); "
                          f"got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if offset < 0:
-        raise ValueError(f"kernels/rope.py: offset must be >= 0, got {offset}")
+        raise ValueError(f"{where}: offset must be >= 0, got {offset}")
+
+
+def rope(q, k, cos, sin, offset=0):
+    """q (B, T, Hq, D), k (B, T, Hkv, D); cos, sin (>= offset + T, D) -> rotated (q, k), same shapes and dtypes."""
+    check_rope_args(q, k, cos, sin, offset)
     return RoPEFunction.apply(q, k, cos, sin, int(offset))
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}, each distinct byte its tl.load / tl.store touch counted once (so the cos / sin rows,
+    shared by the batch, count once). bench/launches.py uses it; tests/test_traffic.py checks it."""
+    if kernel != "_rope_kernel":
+        return None
+    tokens, head_dim = grid[0], 2 * args["half"]
+    positions = min(args["seq_len"], tokens)  # the rows offset .. offset + T - 1 of the tables
+    q = tokens * args["n_q_heads"] * head_dim * args["Q"].element_size()
+    k = tokens * args["n_kv_heads"] * head_dim * args["K"].element_size()
+    return {"Q": (q, 0), "K": (k, 0), "QO": (0, q), "KO": (0, k),
+            "COS": (positions * head_dim * args["COS"].element_size(), 0),
+            "SIN": (positions * head_dim * args["SIN"].element_size(), 0)}

@@ -67,3 +67,17 @@ def swiglu(gate, up):
         raise ValueError(f"kernels/swiglu.py: gate and up must have one shape and device; got "
                          f"{tuple(gate.shape)} on {gate.device} and {tuple(up.shape)} on {up.device}")
     return SwiGLUFunction.apply(gate, up)
+
+
+def traffic(kernel, grid, args):
+    """Bytes one launch of `kernel` (a kernel of this file) reads and writes, per pointer argument:
+    {name: (read, written)}. bench/launches.py uses it; tests/test_traffic.py checks it."""
+    n = args["n_elements"]
+    if kernel == "_swiglu_fwd_kernel":
+        reads, writes = ("G", "U"), ("Y",)
+    elif kernel == "_swiglu_bwd_kernel":
+        reads, writes = ("DY", "G", "U"), ("DG", "DU")
+    else:
+        return None
+    return {**{a: (n * args[a].element_size(), 0) for a in reads},
+            **{a: (0, n * args[a].element_size()) for a in writes}}

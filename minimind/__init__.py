@@ -1,4 +1,5 @@
-"""MiniMind2 models: config, model, tokenizer, data, generation; chat, serving, export and evaluation of weight files."""
+"""MiniMind models (MiniMind2 and minimind-3): config, model, tokenizer, data, generation; chat, serving, export,
+import and evaluation of weight files."""
 
 __all__ = ["MiniMindConfig", "MiniMindForCausalLM"]
 

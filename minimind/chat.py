@@ -24,11 +24,12 @@ def add_model_args(p: argparse.ArgumentParser):
     """The flags that say which model to open (shared by minimind.chat and minimind.serve)."""
     p.add_argument("weights", help="a weight file, or a stage prefix (pretrain, full_sft, rlhf, reason, ...) "
                                    "looked up in --out_dir")
-    p.add_argument("--out_dir", default="out")
+    p.add_argument("--out_dir", default="out", help="where a stage prefix is looked up (default %(default)s)")
     p.add_argument("--lora", default=None, help="a LoRA adapter file to merge into the weights")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer folder (default: the one the weights' .json card names, else the bundled one)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default %(default)s here)")
     p.add_argument("--kernels", default="torch", choices=("torch", "triton", "liger"),
                    help="op backend (triton: the fused kernels, on a GPU)")
     p.add_argument("--num_attention_heads", type=int, default=None,
@@ -37,11 +38,17 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def add_sampling_args(p: argparse.ArgumentParser):
     d = SamplingConfig()
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=d.top_p)
-    p.add_argument("--top_k", type=int, default=d.top_k)
-    p.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature; 0 = greedy, the same answer every time (default %(default)s)")
+    p.add_argument("--top_p", type=float, default=d.top_p,
+                   help="sample from the most likely tokens whose probabilities add up to P (1 = off; default "
+                        "%(default)s)")
+    p.add_argument("--top_k", type=int, default=d.top_k,
+                   help="sample from the K most likely tokens only (0 = all; default %(default)s)")
+    p.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty,
+                   help="a token already in the text has its logit divided by this (multiplied if the logit is "
+                        "negative; 1 = off, default %(default)s)")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="longest reply in tokens (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed the sampler (same seed, same reply)")
 
 
@@ -90,7 +97,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--mode", choices=("chat", "text"), default="chat")
+    p.add_argument("--mode", choices=("chat", "text"), default="chat",
+                   help="chat: the ChatML template (SFT and later models); text: continue the prompt (pretrained)")
     p.add_argument("--system", default=None, help="a system message (chat mode)")
     p.add_argument("--history", type=int, default=0, help="earlier exchanges kept as context (chat mode)")
     p.add_argument("--prompt", action="append", default=None,

@@ -96,8 +96,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--data", required=True, help="a .csv / .jsonl file, or a folder of them (one per subject)")
-    p.add_argument("--template", choices=("plain", "chat"), default="plain")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--template", choices=("plain", "chat"), default="plain",
+                   help="plain: the harness's C-Eval prompt as text; chat: the same prompt as a user turn")
+    p.add_argument("--batch_size", type=int, default=16, help="questions scored at once (default %(default)s)")
     p.add_argument("--out", default=None, help="write the scores as JSON here")
     args = p.parse_args(argv)
     data = Path(args.data)

@@ -1,254 +1,480 @@
-"""An OpenAI-compatible chat server and a web chat page, on the Python standard library alone.
+"""An OpenAI-compatible chat server and a web chat page, on FastAPI + uvicorn.
 
     python -m minimind.serve full_sft --port 8998        # then open http://127.0.0.1:8998/
     curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hello"}], "stream": true}'
 
 Endpoints:
-    GET  /                       the web chat page (minimind/assets/chat.html), which talks to the endpoint below
-    GET  /v1/models              the one model served
-    POST /v1/chat/completions    messages, temperature, top_p, top_k, max_tokens (or max_completion_tokens),
-                                 repetition_penalty, seed, stream (server-sent events, ending with `data: [DONE]`)
+    GET  /                      the web chat page (minimind/assets/chat.html)
+    GET  /v1/models             the one model served
+    POST /v1/chat/completions   OpenAI's chat completion, whole or streamed as server-sent events ending with
+                                `data: [DONE]`; minimind/openai_api.py lists the fields used, ignored and refused
+    GET  /openapi.json          the API's schema
 
-Replies follow OpenAI's chat-completion objects (id, object, created, model, choices with message or delta and
-finish_reason "stop" | "length", usage), so third-party chat UIs and the `openai` client work with a base URL of
-http://HOST:PORT/v1. Bad requests get status 400 and {"error": {"message", "type", "param"}} naming the field
-(a conversation longer than the model's context included); a failure inside the model, 500 with the reason.
-One model answers one request at a time (a lock); requests wait their turn. CORS is open, for browser clients.
+Access (safe by default): with --api_key (or MINIMIND_API_KEY in the environment) /v1/ needs
+`Authorization: Bearer KEY`. Browsers on other sites get no CORS access unless --cors_origin names their origin.
+Bound to a loopback address (the default 127.0.0.1), the server only answers requests addressed to a loopback name
+(localhost, 127.0.0.1, [::1]), so a web page cannot reach it by pointing its own DNS name at 127.0.0.1 (DNS
+rebinding). The chat endpoint takes only `Content-Type: application/json`, which a page on another site cannot send
+without asking (CORS preflight). The Server header is left out.
+
+Limits: a body over --max_body_bytes is refused before it is read (Content-Length) or as soon as it passes the limit
+(chunked); the whole request (body, queue, generation) must finish within --request_timeout seconds; at most
+--max_queue requests wait for the model (more get 429 with Retry-After); a connection that has not sent a whole
+request head within --keep_alive_timeout seconds, idle or between requests, is closed. Tokenising runs in a thread
+that releases the GIL and generation in the model's own thread (minimind/scheduler.py), so the event loop keeps
+answering; a reply stops being generated when its client goes away, streamed or not.
+
+Every failure is a JSON body in OpenAI's error shape, {"error": {"message", "type", "param", "code"}}: 400 a bad
+request (the field named), 401 API key, 404 path, 405 method, 408 body too slow, 411 POST without a length, 413 body
+too large, 415 not JSON, 429 queue full, 500 model failure, 503 time limit or shutting down. A failure after a
+stream has started is a last event `data: {"error": ...}` without [DONE]. Malformed HTTP gets a JSON 400 too.
 """
 import argparse
+import asyncio
+import contextlib
+import hmac
+import ipaddress
 import json
-import math
-import threading
+import os
+import socket
 import time
 import uuid
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional, Tuple
 
-import torch
+try:
+    import h11
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import Headers
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as e:
+    raise ImportError(f"minimind.serve needs FastAPI and uvicorn: pip install 'minimind-triton[serve]' ({e})") from e
 
 from minimind.chat import add_model_args, add_sampling_args, parse_and_open
-from minimind.generate import SamplingConfig, stream_text
+from minimind.generate import SamplingConfig
+from minimind.openai_api import (ChatCompletion, ChatCompletionChunk, ChatRequest, ErrorResponse, ModelCard,
+                                 ModelList, RequestError, Usage, stream_event_schema)
+from minimind.scheduler import Closed, Job, QueueFull, Scheduler, TimeLimit
 
 CHAT_PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
-ROLES = ("system", "user", "assistant")
-MAX_BODY_BYTES = 8 << 20  # a conversation that fills the context is a few hundred KB
+API_KEY_ENV = "MINIMIND_API_KEY"
+BODYLESS_METHODS = ("GET", "HEAD", "OPTIONS", "DELETE")
 
 
-class RequestError(ValueError):
-    def __init__(self, message, param=None):
+@dataclass
+class ServeConfig:
+    model_name: str
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the defaults a request's fields override
+    seed: Optional[int] = None  # the seed of requests that bring none (None: unseeded)
+    max_tokens_cap: int = 2048
+    api_key: Optional[str] = None
+    cors_origins: Tuple[str, ...] = ()  # "*" allows every origin
+    loopback_only: bool = True  # answer only requests addressed to a loopback name
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 64
+    request_timeout: float = 300.0
+    keep_alive_timeout: float = 5.0
+
+
+class APIError(Exception):
+    """A failure answered as OpenAI's error object. close: end the connection after the answer (its request body
+    was not read, so the next request's start is unknown)."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None, close: bool = False):
         super().__init__(message)
-        self.param = param
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {}, **({"Connection": "close"} if close else {}))
+
+    def body(self) -> dict:
+        kind = ("server_error" if self.status >= 500 else "rate_limit_error" if self.status == 429
+                else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, headers=self.headers)
 
 
-def parse_request(body: dict, defaults: SamplingConfig, max_tokens_cap: int):
-    """A chat-completion request -> (messages, SamplingConfig, seed, stream). Raises RequestError naming the field."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content}", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {list(ROLES)}", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string", f"messages[{i}].content")
-        if m["role"] == "system" and i > 0:
-            raise RequestError(f"messages[{i}]: a system message may only come first", f"messages[{i}].role")
-        clean.append({"role": m["role"], "content": content})
-    if clean[-1]["role"] != "user":
-        raise RequestError("the last message must be the user's", f"messages[{len(clean) - 1}].role")
+# ---------------------------------------------------------------- HTTP: framing, timeouts, access
 
-    def number(name, kind, default):
-        value = body.get(name)
-        if value is None:
-            return default
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or (kind is int and value != int(value))):  # (Python's json reads NaN and Infinity)
-            raise RequestError(f"'{name}' must be a{'n integer' if kind is int else ' finite number'}", name)
-        return kind(value)
+class LingeringTransport:
+    """An asyncio transport whose close(), while the client may still be sending (`client_sending()`), first ends
+    the writing side (FIN after the last response) and lets the client finish for up to `linger_s` seconds,
+    discarding what it sends, before it really closes. Closing a socket with unread bytes in it makes the kernel
+    reset the connection, and a client still sending a body (one answered 413, say) then loses the answer it was
+    about to read."""
 
-    max_tokens = number("max_completion_tokens", int, number("max_tokens", int, defaults.max_new_tokens))
-    if max_tokens < 1:
-        raise RequestError("'max_tokens' must be at least 1", "max_tokens")
-    fields = dict(max_new_tokens=min(max_tokens, max_tokens_cap),
-                  temperature=number("temperature", float, defaults.temperature),
-                  top_p=number("top_p", float, defaults.top_p),
-                  top_k=number("top_k", int, defaults.top_k),
-                  repetition_penalty=number("repetition_penalty", float, defaults.repetition_penalty))
-    try:
-        cfg = SamplingConfig(**fields)
-    except ValueError as e:
-        raise RequestError(str(e), str(e).split()[0]) from None
-    if body.get("n", 1) != 1:
-        raise RequestError("only n = 1 is supported", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false", "stream")
-    seed = number("seed", int, None)
-    if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
-        raise RequestError("'seed' must fit in 64 bits", "seed")
-    return clean, cfg, seed, stream
+    def __init__(self, transport, loop, linger_s: float, client_sending):
+        self._transport, self._loop, self._linger_s, self._client_sending = transport, loop, linger_s, client_sending
+        self.lingering = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self):
+        return self.lingering or self._transport.is_closing()
+
+    def close(self):
+        if (self.lingering or self._transport.is_closing() or not self._transport.can_write_eof()
+                or not self._client_sending()):
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()
+        self._transport.resume_reading()  # flow control may have paused it
+        self._loop.call_later(self._linger_s, self._transport.close)
 
 
-class ChatServer(ThreadingHTTPServer):
-    daemon_threads = True
+class HTTPProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 (h11) with three changes. A request h11 cannot parse (a bad request line or header,
+    conflicting Content-Length headers, a missing Host, an unfinished head over 16 KiB) gets OpenAI's JSON error
+    instead of uvicorn's plain text. The keep-alive timer also runs until a whole request head has arrived: uvicorn
+    never closes a connection that sends nothing, or its head one byte at a time; here it closes after
+    keep_alive_timeout seconds (a partial head gets a 408). And connections close lingering (LingeringTransport,
+    for up to keep_alive_timeout seconds), so an error answered before a body was read reaches its client."""
 
-    def __init__(self, address, model, tokenizer, model_name, defaults: SamplingConfig, max_tokens_cap=2048,
-                 verbose=False):
-        super().__init__(address, ChatHandler)
-        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.defaults, self.max_tokens_cap, self.verbose = defaults, max_tokens_cap, verbose
-        self.lock = threading.Lock()
+    def connection_made(self, transport):
+        transport = LingeringTransport(transport, self.loop, self.timeout_keep_alive, self._client_sending)
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
-    def generator(self, seed):
-        if seed is None:
-            return None
-        device = next(self.model.parameters()).device
-        return torch.Generator(device=device).manual_seed(seed)
+    def data_received(self, data: bytes):
+        if self.transport.lingering:
+            return  # the rest of a request that was already answered
+        timer, self.timeout_keep_alive_task = self.timeout_keep_alive_task, None  # bytes alone do not reset it
+        super().data_received(data)
+        if timer is not None:
+            if self.conn.their_state is h11.IDLE and self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = timer  # still no whole request head
+            else:
+                timer.cancel()
 
+    def _client_sending(self) -> bool:
+        """Whether the client may be in the middle of a request: its body, a head cut short, or bytes h11 refused."""
+        state = self.conn.their_state
+        return state in (h11.SEND_BODY, h11.ERROR) or (state is h11.IDLE and bool(self.conn.trailing_data[0]))
 
-class ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):  # one line per request, no noise in tests
-        if self.server.verbose:
-            super().log_message(fmt, *args)
-
-    def _headers(self, status, content_type, length=None, close=False):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Access-Control-Allow-Origin", "*")
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        if close:
-            self.send_header("Connection", "close")
-        self.end_headers()
-
-    def _send_json(self, status, obj, close=False):
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self._headers(status, "application/json; charset=utf-8", len(data), close)
-        self.wfile.write(data)
-
-    def _error(self, status, message, param=None, kind="invalid_request_error", close=False):
-        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": None}}, close)
-
-    def do_OPTIONS(self):
-        self.send_response(HTTPStatus.NO_CONTENT)
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_GET(self):
-        if self.path in ("/", "/index.html"):
-            page = CHAT_PAGE.read_bytes()
-            self._headers(HTTPStatus.OK, "text/html; charset=utf-8", len(page))
-            self.wfile.write(page)
-        elif self.path == "/favicon.ico":
-            self.send_response(HTTPStatus.NO_CONTENT)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif self.path == "/v1/models":
-            self._send_json(HTTPStatus.OK, {"object": "list", "data": [
-                {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "minimind"}]})
+    def timeout_keep_alive_handler(self):
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and not self.transport.is_closing():
+            self._refuse(APIError(408, f"the request head did not arrive within {self.timeout_keep_alive} s"))
         else:
-            self._error(HTTPStatus.NOT_FOUND, f"no such path: GET {self.path}", kind="not_found")
+            super().timeout_keep_alive_handler()
 
-    def _read_body(self):
-        """The request body (Content-Length bytes; none without the header), or None after answering 400 and
-        closing the connection when the length is unusable (the next request's start could not be found)."""
-        try:
-            length = -1 if "Transfer-Encoding" in self.headers else int(self.headers.get("Content-Length", 0))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._error(HTTPStatus.BAD_REQUEST, "send the body with a valid Content-Length (chunked transfer "
-                        "encoding is not supported)", close=True)
-            return None
-        if length > MAX_BODY_BYTES:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is {length} bytes; at most {MAX_BODY_BYTES} "
-                        "are read", close=True)
-            return None
-        return self.rfile.read(length)
+    def send_400_response(self, msg: str):
+        self._refuse(APIError(400, "malformed HTTP request: h11 could not parse it (a bad request line or header, "
+                                   "conflicting Content-Length headers, no Host header, or a head over 16 KiB)"))
 
-    def do_POST(self):
-        raw = self._read_body()  # read even for a wrong path: on a kept-alive connection the next request follows
-        if raw is None:
-            return
-        if self.path != "/v1/chat/completions":
-            self._error(HTTPStatus.NOT_FOUND, f"no such path: POST {self.path}", kind="not_found")
-            return
+    def _refuse(self, error: APIError):
+        """Answer `error` and close, whatever h11's state; an application still at this request sees the client
+        gone from now on."""
+        cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()  # an answer is already on its way: it cannot be replaced
+                return
+        body = json.dumps(error.body()).encode()
+        head = (f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header (or a --host address) names this machine's loopback interface."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:8998
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:  # 127.0.0.1:8998, localhost:8998
+        name = name.partition(":")[0]
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: *.localhost is loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Gate:
+    """The checks every request passes before routing, in this order: its Host (when serving loopback only), its
+    framing (no Content-Length beside Transfer-Encoding, a length on a POST), CORS (a preflight from an allowed
+    origin is answered here), the API key on /v1/, and the body size by Content-Length. A refusal is an APIError
+    answered here; it closes the connection when a body is left unread. A GET (HEAD, OPTIONS, DELETE) with a body
+    is answered as usual, then the connection closes: its body is never read, let alone as a request."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        cors = origin is not None and ("*" in self.cfg.cors_origins or origin in self.cfg.cors_origins)
+        extra = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")] if cors else []
+        if scope["method"] in BODYLESS_METHODS and has_body(headers):
+            extra.append((b"connection", b"close"))
+
+        async def send_with_extra(message):
+            if message["type"] == "http.response.start" and extra:
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
         try:
-            body = json.loads(raw.decode("utf-8") or "null")
-            messages, cfg, seed, stream = parse_request(body, self.server.defaults, self.server.max_tokens_cap)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._error(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {e}")
-            return
+            self._check(scope, headers, cors)
+        except APIError as e:
+            return await e.response()(scope, receive, send_with_extra)
+        if cors and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+            return await Response(status_code=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Max-Age": "600",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type"})(scope, receive, send_with_extra)
+        await self.app(scope, receive, send_with_extra)
+
+    def _check(self, scope, headers: Headers, cors: bool):
+        host, method = headers.get("host", ""), scope["method"]
+        if self.cfg.loopback_only and not is_loopback_host(host):
+            raise APIError(400, f"Host {host!r} is not a loopback name: this server is bound to a loopback address "
+                                "and answers only requests addressed to localhost, 127.0.0.1 or [::1] (DNS-rebinding "
+                                "protection); serve on --host 0.0.0.0 to be reached by other names", close=True)
+        chunked, length = "transfer-encoding" in headers, headers.get("content-length")
+        if chunked and length is not None:
+            raise APIError(400, "a request may not have both Content-Length and Transfer-Encoding", close=True)
+        if method == "POST" and not chunked and length is None:
+            raise APIError(411, "a POST needs a Content-Length header (or Transfer-Encoding: chunked)", close=True)
+        if cors and method == "OPTIONS":
+            return  # a preflight carries no credentials
+        if self.cfg.api_key is not None and scope["path"].startswith("/v1/"):
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.cfg.api_key.encode()):
+                raise APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'"
+                               if key else "no API key: send the header 'Authorization: Bearer KEY'",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                               close=has_body(headers))
+        if length is not None and int(length) > self.cfg.max_body_bytes:
+            raise APIError(413, f"the body is {int(length)} bytes; this server takes at most "
+                                f"{self.cfg.max_body_bytes} (--max_body_bytes)", close=True)
+
+
+def has_body(headers: Headers) -> bool:
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+
+
+# ---------------------------------------------------------------- the application
+
+def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
+    """The FastAPI application serving `scheduler`'s model (the page, /v1/models, /v1/chat/completions) behind
+    the Gate."""
+    tokenizer, context = scheduler.tokenizer, scheduler.model.config.max_position_embeddings
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 408, 411, 413, 415, 429, 500, 503)}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.close()
+    app = FastAPI(title="MiniMind", version="1", docs_url=None, redoc_url=None, responses=errors, lifespan=lifespan)
+    app.add_middleware(Gate, cfg=cfg)
+    request_body, stream_event, schemas = documented_schemas()
+    default_openapi = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            default_openapi().setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+        return app.openapi_schema
+    app.openapi = openapi
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(QueueFull)
+    @app.exception_handler(Closed)
+    async def scheduler_refused(request, e: Exception):
+        return job_error(e).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # routing's 404 and 405
+        message = {404: f"no such path: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return APIError(e.status_code, message, headers=e.headers).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page():
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"), headers={
+            "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[ModelCard(id=cfg.model_name)])
+
+    def encode(messages):  # encode_batch releases the GIL (encode holds it: a 1 MB prompt froze the server)
+        return tokenizer.encode_batch([tokenizer.apply_chat_template(messages, add_generation_prompt=True)])[0]
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=request_body, responses={
+        200: {"content": {"text/event-stream": {"schema": stream_event}},
+              "description": "the completion, or with stream: true its chunks as server-sent events"}})
+    async def chat_completions(request: Request):
+        deadline = time.monotonic() + cfg.request_timeout
+        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+            raise APIError(415, "send the request as JSON with 'Content-Type: application/json'", close=True)
+        try:
+            req = ChatRequest.parse(await read_body(request, cfg.max_body_bytes, deadline))
+            messages = req.conversation()
         except RequestError as e:
-            self._error(HTTPStatus.BAD_REQUEST, str(e), e.param)
-            return
-        srv, info = self.server, {}
-        prompt = srv.tokenizer.encode(srv.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        context = srv.model.config.max_position_embeddings
+            raise APIError(400, str(e), e.param) from None
+        scheduler.check_room()  # refuse before tokenising when the queue is full
+        prompt = await run_in_threadpool(encode, messages)
         if len(prompt) >= context:
-            self._error(HTTPStatus.BAD_REQUEST, f"the conversation is {len(prompt)} tokens; the model's context is "
-                        f"{context}: send fewer or shorter messages", "messages")
-            return
-        reply = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=srv.model_name)
-        with srv.lock:
-            pieces = stream_text(srv.model, srv.tokenizer, prompt, cfg, srv.generator(seed), info)
-            try:
-                if stream:
-                    self._stream(reply, pieces, info)
-                else:
-                    text = "".join(pieces)
-                    self._send_json(HTTPStatus.OK, {**reply, "object": "chat.completion", "choices": [{
-                        "index": 0, "message": {"role": "assistant", "content": text},
-                        "finish_reason": info["finish_reason"]}], "usage": _usage(info)})
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client went away: stop generating
-            except Exception as e:  # a failure inside the model: say so rather than drop the connection
-                if stream:
-                    raise  # the headers are out; the stream ends without [DONE]
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(e).__name__}: {e}",
-                            kind="server_error", close=True)
-            finally:
-                pieces.close()  # inside the lock: the generator's cleanup touches the shared model
+            raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {context}: "
+                                "send fewer or shorter messages", "messages")
+        seed = req.seed if req.seed is not None else cfg.seed
+        job = Job(prompt, req.sampling(cfg.sampling, cfg.max_tokens_cap), seed, req.stop_sequences(), deadline)
+        scheduler.submit(job)
+        reply = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=cfg.model_name)
+        if req.stream:
+            return StreamingResponse(stream_events(job, reply, req.include_usage()), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text = await answer_unless_gone(job, request)
+        if text is None:
+            return Response(status_code=204)  # nobody is listening
+        return ChatCompletion(**reply, usage=usage(job), choices=[
+            {"message": {"content": text}, "finish_reason": job.finish_reason}])
 
-    def _stream(self, reply, pieces, info):
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Connection", "close")  # the stream's end is the connection's end
-        self.end_headers()
-        self.close_connection = True
-
-        def event(delta, finish_reason=None, **extra):
-            chunk = {**reply, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-            self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode("utf-8"))
-            self.wfile.flush()
-
-        event({"role": "assistant", "content": ""})
-        for piece in pieces:
-            event({"content": piece})
-        event({}, info["finish_reason"], usage=_usage(info))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+    return app
 
 
-def _usage(info):
-    return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-            "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
+def documented_schemas():
+    """(openapi_extra of the chat endpoint, the schema of one event of its stream, the component schemas they
+    refer to). Given by hand: the request is parsed here, not by FastAPI, and the stream is no response model."""
+    ref, schemas = "#/components/schemas/{model}", {}
+    for model in (ChatRequest, ChatCompletionChunk):
+        schema = model.model_json_schema(ref_template=ref)
+        schemas.update(schema.pop("$defs", {}), **{model.__name__: schema})
+    request = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": ref.format(model="ChatRequest")}}}}}
+    return request, stream_event_schema(lambda model: {"$ref": ref.format(model=model.__name__)}), schemas
+
+
+async def read_body(request: Request, limit: int, deadline: float) -> bytes:
+    """The request body, at most `limit` bytes (413 past it, chunked bodies included), by the deadline (408)."""
+    body = bytearray()
+
+    async def read():
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise APIError(413, f"the body is over {limit} bytes (--max_body_bytes)", close=True)
+    try:
+        await asyncio.wait_for(read(), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise APIError(408, "the request body did not arrive within the time limit (--request_timeout)",
+                       close=True) from None
+    except ClientDisconnect:
+        raise APIError(400, "the client went away before sending its body", close=True) from None
+    return bytes(body)
+
+
+def job_error(e: Exception) -> APIError:
+    if isinstance(e, TimeLimit):
+        return APIError(503, f"{e} (--request_timeout)", code="timeout")
+    if isinstance(e, Closed):
+        return APIError(503, str(e), code="shutting_down")
+    if isinstance(e, QueueFull):
+        return APIError(429, f"{e} (--max_queue); retry later", code="queue_full",
+                        headers={"Retry-After": str(e.retry_after)})
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}")
+
+
+def usage(job: Job) -> Usage:
+    prompt, completion = len(job.prompt_ids), len(job.reply_ids)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def answer_unless_gone(job: Job, request: Request) -> Optional[str]:
+    """The whole reply; None (and the job cancelled) if the client disconnects first."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    text, watch = asyncio.ensure_future(job.text()), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({text, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not text.done():
+            job.cancel()
+            text.cancel()
+    if text not in done:
+        return None
+    try:
+        return text.result()
+    except Exception as e:
+        raise job_error(e) from None
+
+
+async def stream_events(job: Job, reply: dict, include_usage: bool):
+    """The reply as OpenAI's server-sent chunks: the role, the text pieces, the finish reason, the usage (when
+    stream_options.include_usage asks, in a chunk of its own), [DONE]. Leaving early cancels the job."""
+    extra = {"usage": None} if include_usage else {}
+
+    def event(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def chunk(delta, finish_reason=None):
+        return event({**reply, "object": "chat.completion.chunk", **extra,
+                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in job.pieces():
+            yield chunk({"content": piece})
+    except Exception as e:  # the status line is out: the error is the last event
+        yield event(job_error(e).body())
+        return
+    finally:
+        job.cancel()
+    yield chunk({}, job.finish_reason)
+    if include_usage:
+        yield event({**reply, "object": "chat.completion.chunk", "choices": [], "usage": usage(job).model_dump()})
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- running it
+
+def make_server(scheduler: Scheduler, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8998,
+                verbose: bool = False):
+    """(uvicorn.Server, its listening socket): run it with `server.run(sockets=[sock])` (it returns after
+    `server.should_exit = True`). The socket is bound and listening already, so port 0 has its number."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    config = uvicorn.Config(build_app(scheduler, cfg), http=HTTPProtocol, ws="none", proxy_headers=False,
+                            lifespan="on", server_header=False,
+                            timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=5,
+                            log_level="info" if verbose else "warning", access_log=verbose)
+    return uvicorn.Server(config), sock
+
+
+def number_at_least(kind, low, inclusive=True):
+    """An argparse type: a number of `kind` >= low (> low when not inclusive)."""
+    def parse(text):
+        value = kind(text)
+        if not (value >= low if inclusive else value > low):  # (NaN is neither)
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        return value
+    return parse
 
 
 def main(argv=None):
@@ -256,23 +482,44 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    p.add_argument("--port", type=int, default=8998)
+    d, positive = ServeConfig(""), number_at_least(float, 0, inclusive=False)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (then set --api_key)")
+    p.add_argument("--port", type=int, default=8998, help="TCP port (default %(default)s)")
     p.add_argument("--model_name", default=None, help="the model id clients see (default: the weight file's name)")
-    p.add_argument("--max_tokens_cap", type=int, default=2048, help="the most tokens one reply may have")
+    p.add_argument("--max_tokens_cap", type=number_at_least(int, 1), default=d.max_tokens_cap,
+                   help="the most tokens one reply may have")
+    p.add_argument("--api_key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ (default: ${API_KEY_ENV} if set; the "
+                        "environment keeps the key out of the process list)")
+    p.add_argument("--cors_origin", action="append", default=[],
+                   help="let web pages from this origin (https://app.example:3000, or * for any) call the API from "
+                        "a browser; repeat for several (default: none)")
+    p.add_argument("--max_body_bytes", type=number_at_least(int, 1), default=d.max_body_bytes,
+                   help="the largest request body (a full 32k-token conversation is a few hundred KB)")
+    p.add_argument("--max_queue", type=number_at_least(int, 0), default=d.max_queue,
+                   help="requests that may wait for the model; more are answered 429 with Retry-After")
+    p.add_argument("--request_timeout", type=positive, default=d.request_timeout,
+                   help="seconds a request may take in all: body, queue and generation (then 408 or 503)")
+    p.add_argument("--keep_alive_timeout", type=positive, default=d.keep_alive_timeout,
+                   help="seconds a connection may stay open without sending a whole request head")
     p.add_argument("--verbose", action="store_true", help="log every request")
     args, model, tokenizer, path, defaults = parse_and_open(p, argv)
-    server = ChatServer((args.host, args.port), model, tokenizer, args.model_name or path.stem, defaults,
-                        args.max_tokens_cap, args.verbose)
-    host, port = server.server_address[:2]
-    print(f"serving {path} as {server.model_name!r}: web chat http://{host}:{port}/ , "
-          f"API base http://{host}:{port}/v1", flush=True)
+    cfg = ServeConfig(model_name=args.model_name or path.stem, sampling=defaults, seed=args.seed,
+                      max_tokens_cap=args.max_tokens_cap, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                      cors_origins=tuple(args.cors_origin), loopback_only=is_loopback_host(args.host),
+                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                      request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout)
+    scheduler = Scheduler(model, tokenizer, cfg.max_queue)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        server, sock = make_server(scheduler, cfg, args.host, args.port, args.verbose)
+    except OSError as e:
+        scheduler.close()
+        p.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    print(f"serving {path} as {cfg.model_name!r}: web chat http://{host}:{port}/ , API base http://{host}:{port}/v1"
+          + (" (API key required)" if cfg.api_key else ""), flush=True)
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -1,92 +1,66 @@
-"""The MiniMind2 tokenizer: byte-level BPE (Hugging Face `tokenizers`) plus the project's own ChatML renderer.
+"""The tokenizer: byte-level BPE (Hugging Face `tokenizers`) plus the chat format its folder speaks.
 
-Special tokens: <|endoftext|> = 0 (pad), <|im_start|> = 1 (bos), <|im_end|> = 2 (eos). A conversation renders as
+Special tokens: <|endoftext|> = 0 (pad), <|im_start|> = 1 (bos), <|im_end|> = 2 (eos) in both MiniMind generations;
+minimind-3's tokenizer has 36 added tokens (<tool_call> 21 ... </think> 26, see minimind.chat_template). The chat
+format ("minimind2": MiniMind2's ChatML; "minimind3": minimind-3's template with thinking and tools) is read off the
+folder: the chat_template in its tokenizer_config.json, else its tokens. `apply_chat_template` renders exactly what
+that Jinja template renders; `encode_chat` gives the ids of that text and the loss mask: 1 on every assistant turn,
+from after `<|im_start|>assistant\\n` through `<|im_end|>` and its newline. `save` writes a folder transformers loads
+with the same template.
 
-    <|im_start|>system\\n{system or "You are a helpful assistant"}<|im_end|>\\n
-    <|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n          (each user turn)
-    {content}<|im_end|>\\n                                                  (each assistant turn)
-
-exactly as MiniMind2's Jinja `chat_template` (kept verbatim in CHAT_TEMPLATE, written into tokenizer_config.json so
-`transformers.AutoTokenizer` loads a folder we write). `encode_chat` gives the ids of that text and the loss mask:
-1 on assistant tokens, from after `<|im_start|>assistant\\n` through `<|im_end|>` and its newline.
-
-`load_tokenizer()` loads the tokenizer bundled in minimind/assets/tokenizer/ (trained by `python -m train.tokenizer`
-on the demo data); `load_tokenizer(folder)` loads any folder with a tokenizer.json (the real MiniMind one included).
+`load_tokenizer()` loads the tokenizer bundled in minimind/assets/tokenizer/ (MiniMind2 format, trained by
+`python -m train.tokenizer` on the demo data); `load_tokenizer(folder)` loads any folder with a tokenizer.json (the
+real MiniMind2 and minimind-3 ones included).
 """
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
-DEFAULT_SYSTEM = "You are a helpful assistant"
+from minimind.chat_template import BOS, EOS, PAD, ChatFormat, detect_format, get_format, render
+
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
-
-# MiniMind2's chat template, verbatim (a data-format fact): the user turn already opens the assistant turn, so
-# add_generation_prompt changes nothing.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
-    "{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}"
-    "{% else %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
-    "{% for message in messages %}{% set content = message['content'] %}"
-    "{% if message['role'] == 'user' %}{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
-)
+CONFIG_FILE = "tokenizer_config.json"
 
 
-def tokenizer_config() -> dict:
-    """tokenizer_config.json for a MiniMind2-style folder (what transformers.AutoTokenizer needs)."""
+def tokenizer_config(fmt: ChatFormat, added_tokens) -> dict:
+    """tokenizer_config.json for a folder of format `fmt` (what transformers.AutoTokenizer needs). added_tokens:
+    (id, content, special) of every added token."""
     added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                      "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+                      "special": special} for i, t, special in added_tokens}
     return {
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-        "added_tokens_decoder": added, "additional_special_tokens": [],
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
-        "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 32768,
-        "spaces_between_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": added, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD,
+        "clean_up_tokenization_spaces": False, "legacy": True, "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast", **fmt.config_extra,
+        "chat_template": fmt.template,
     }
 
 
-def render_chat(messages: Sequence[dict]) -> Tuple[str, List[Tuple[int, int]]]:
-    """ChatML text of `messages` and the byte spans [start, end) of the assistant targets (content + <|im_end|>\\n)."""
-    parts, spans, nbytes = [], [], 0
-
-    def put(s):
-        nonlocal nbytes
-        parts.append(s)
-        nbytes += len(s.encode("utf-8"))
-
-    if messages and messages[0]["role"] == "system":
-        put(f"{BOS}system\n{messages[0]['content']}{EOS}\n")
-    else:
-        put(f"{BOS}system\n{DEFAULT_SYSTEM}{EOS}\n")
-    for m in messages:
-        if m["role"] == "user":
-            put(f"{BOS}user\n{m['content']}{EOS}\n{BOS}assistant\n")
-        elif m["role"] == "assistant":
-            start = nbytes
-            put(f"{m['content']}{EOS}\n")
-            spans.append((start, nbytes))
-    return "".join(parts), spans
-
-
 class Tokenizer:
-    """A byte-level BPE tokenizer with MiniMind2's special tokens and chat format. Wraps `tokenizers.Tokenizer`."""
+    """A byte-level BPE tokenizer (wraps `tokenizers.Tokenizer`) and the chat format it speaks (minimind2 or
+    minimind3, see minimind.chat_template). <|endoftext|> = 0 (pad), <|im_start|> = 1 (bos), <|im_end|> = 2 (eos)."""
 
-    def __init__(self, hf: HFTokenizer, name: str = ""):
-        self.hf, self.name = hf, name
-        for i, t in enumerate(SPECIAL_TOKENS):
+    def __init__(self, hf: HFTokenizer, name: str = "", chat_format: str = "minimind2"):
+        self.hf, self.name, self.format = hf, name, get_format(chat_format)
+        where = name or "(in memory)"
+        for i, t in enumerate(self.format.added_tokens[:3]):
             if hf.token_to_id(t) != i:
-                raise ValueError(f"tokenizer {name or '(in memory)'}: {t} must have id {i}, "
-                                 f"has {hf.token_to_id(t)}")
+                raise ValueError(f"tokenizer {where}: {t} must have id {i}, has {hf.token_to_id(t)}")
+        added = {a.content for a in hf.get_added_tokens_decoder().values()}
+        missing = [t for t in self.format.template_tokens if t not in added]
+        if missing:
+            raise ValueError(f"tokenizer {where}: the {self.chat_format} chat format writes {missing}, which this "
+                             f"tokenizer lacks as added tokens")
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = hashlib.sha1(hf.to_str().encode("utf-8")).hexdigest()
+        # which ids AND which chat format: a cache or a model card of one format never matches the other. MiniMind2's
+        # format hashes tokenizer.json alone, as before formats existed, so older caches and cards stay valid.
+        fp = hf.to_str() if self.chat_format == "minimind2" else f"{hf.to_str()}\nchat_format={self.chat_format}"
+        self.fingerprint = hashlib.sha1(fp.encode("utf-8")).hexdigest()
         # Bytes each token stands for: a byte-level token string has one character per byte; added (special)
         # tokens stand for their text. Lets encode_chat find the assistant spans without offsets.
         byte_len = np.zeros(self.vocab_size, dtype=np.int64)
@@ -98,17 +72,42 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, folder) -> "Tokenizer":
+        """A folder (or its tokenizer.json): the chat format is the one its tokenizer_config.json's chat_template
+        is, or, without one, told by the tokens (minimind.chat_template.detect_format)."""
         folder = Path(folder)
         path = folder / "tokenizer.json" if folder.is_dir() else folder
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(HFTokenizer.from_file(str(path)), name=str(path))
+        hf = HFTokenizer.from_file(str(path))
+        config_path = path.parent / CONFIG_FILE
+        template = None
+        if config_path.is_file():
+            try:
+                template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{config_path}: not a JSON object ({e})") from None
+        fmt = detect_format(template, hf.get_vocab(with_added_tokens=True), str(config_path))
+        return cls(hf, name=str(path), chat_format=fmt.name)
+
+    @property
+    def chat_format(self) -> str:
+        """"minimind2" (MiniMind2's ChatML) or "minimind3" (minimind-3's template with thinking and tools)."""
+        return self.format.name
+
+    @property
+    def supports_thinking(self) -> bool:
+        """Whether the template switches thinking on and off (enable_thinking)."""
+        return self.format.supports_thinking
+
+    @property
+    def supports_tools(self) -> bool:
+        return self.format.supports_tools
 
     def to_str(self) -> str:
         return self.hf.to_str()
 
     def __reduce__(self):  # picklable for worker processes
-        return _tokenizer_from_str, (self.hf.to_str(), self.name)
+        return _tokenizer_from_str, (self.hf.to_str(), self.name, self.chat_format)
 
     def __len__(self):
         return self.vocab_size
@@ -129,19 +128,38 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """MiniMind2's ChatML text (see the module docstring). add_generation_prompt is accepted for API
-        compatibility; the template opens the assistant turn after every user turn anyway."""
-        return render_chat(messages)[0]
+    def apply_chat_template(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
+                            add_generation_prompt: bool = False, enable_thinking: Optional[bool] = None,
+                            open_thinking: Optional[bool] = None) -> str:
+        """The text of `messages` in this tokenizer's chat format: exactly what transformers renders from the
+        folder's chat_template. tools: function schemas (minimind3 only). add_generation_prompt: open the
+        assistant turn (MiniMind2's template always does). enable_thinking (the template's own name for it:
+        open_thinking; either may be given): the generation prompt opens a <think> block instead of an empty one;
+        ignored by formats that cannot switch thinking (supports_thinking)."""
+        if enable_thinking is not None and open_thinking is not None and enable_thinking != open_thinking:
+            raise ValueError(f"enable_thinking={enable_thinking} contradicts open_thinking={open_thinking}")
+        thinking = bool(enable_thinking if enable_thinking is not None else open_thinking)
+        return render(self.format, messages, tools, add_generation_prompt, thinking)[0]
 
-    def encode_chat(self, messages: Sequence[dict]) -> Tuple[List[int], List[int]]:
-        """(ids, loss_mask) of the rendered conversation; mask 1 on assistant content, <|im_end|> and its newline."""
-        ids, mask = self.encode_chat_batch([messages])[0]
+    def encode_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None
+                    ) -> Tuple[List[int], List[int]]:
+        """(ids, loss_mask) of the rendered conversation; mask 1 on each assistant turn from after
+        `<|im_start|>assistant\\n` through `<|im_end|>` and its newline."""
+        ids, mask = self.encode_chat_batch([messages], None if tools is None else [tools])[0]
         return ids.tolist(), mask.tolist()
 
-    def encode_chat_batch(self, conversations: Sequence[Sequence[dict]]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """encode_chat for many conversations; numpy int64 ids and uint8 masks."""
-        rendered = [render_chat(c) for c in conversations]
+    def encode_chat_batch(self, conversations: Sequence[Sequence[dict]],
+                          tools: Optional[Sequence[Optional[Sequence[dict]]]] = None
+                          ) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """encode_chat for many conversations (tools: one list or None per conversation); numpy int64 ids and
+        uint8 masks."""
+        tools = [None] * len(conversations) if tools is None else tools
+        rendered = [render(self.format, c, t) for c, t in zip(conversations, tools)]
+        return self.encode_rendered(rendered)
+
+    def encode_rendered(self, rendered: Sequence[Tuple[str, List[Tuple[int, int]]]]
+                        ) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """(ids, mask) of rendered (text, byte spans) pairs: a token is in the mask when it starts inside a span."""
         encodings = self.hf.encode_batch_fast([text for text, _ in rendered], add_special_tokens=False)
         out = []
         for (text, spans), enc in zip(rendered, encodings):
@@ -157,17 +175,24 @@ class Tokenizer:
             out.append((ids, mask))
         return out
 
+    def token_starts(self, ids: np.ndarray) -> np.ndarray:
+        """Byte offset in the decoded text where each token starts."""
+        lens = self._byte_len[ids]
+        return np.cumsum(lens) - lens
+
     def save(self, folder) -> None:
-        """Write tokenizer.json and tokenizer_config.json (loadable by transformers.AutoTokenizer)."""
+        """Write tokenizer.json and tokenizer_config.json with this format's chat template (loadable by
+        transformers.AutoTokenizer, which then renders what we do)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False)
-                                                      + "\n", encoding="utf-8")
+        added = [(i, a.content, a.special) for i, a in sorted(self.hf.get_added_tokens_decoder().items())]
+        config = tokenizer_config(self.format, added)
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _tokenizer_from_str(s: str, name: str) -> Tokenizer:
-    return Tokenizer(HFTokenizer.from_str(s), name=name)
+def _tokenizer_from_str(s: str, name: str, chat_format: str = "minimind2") -> Tokenizer:
+    return Tokenizer(HFTokenizer.from_str(s), name=name, chat_format=chat_format)
 
 
 def load_tokenizer(path=None) -> Tokenizer:

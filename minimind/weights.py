@@ -1,23 +1,30 @@
 """Open a trained model from its weight file alone: the shape is read off the state dict.
 
-A MiniMind2 weight file (`out/full_sft_512.pth`: fp16, MiniMind2 key names) carries no config, but every shape
-except the number of query heads shows in it:
+A MiniMind weight file (`out/full_sft_512.pth`: fp16, MiniMind key names) carries no config, but every shape
+except (without q/k norm) the number of query heads shows in it:
 
     vocab V, hidden H    model.embed_tokens.weight                        (V, H)
     layers               1 + the largest i in model.layers.{i}.*
-    kv heads             model.layers.0.self_attn.k_proj.weight           (kv_heads * H / heads, H)
+    q/k norm, head dim   model.layers.0.self_attn.q_norm.weight           (D,): a minimind-3 file
+    heads, kv heads      model.layers.0.self_attn.{q,k}_proj.weight       (heads * D, H), (kv_heads * D, H)
     intermediate I       model.layers.0.mlp.gate_proj.weight              (I, H)
     MoE                  model.layers.0.mlp.gate.weight (E, H); mlp.experts.{e}.*, mlp.shared_experts.{s}.*
 
+With q_norm the head dim is its length, so the head counts follow; the file is minimind-3's, which also fixes what
+the tensors cannot show: RMSNorm eps 1e-6 and, for MoE, top-1 with the batch-level aux loss (the minimind3 preset's).
+Without it (MiniMind2) `num_attention_heads` (8 in every MiniMind2 preset) and the MoE top-k (2) are taken as given
+and the head dim is q_proj's rows / heads.
+
 The trainer also writes a model card beside each weight file (`out/full_sft_512.json`, see `model_card`): the full
-config and the tokenizer the model was trained with (its folder, None for the bundled one, and its fingerprint).
-When it is there the config is used (and checked against the tensors) and `load_tokenizer_for` picks that
-tokenizer, refusing one that differs: two tokenizers with the same vocabulary size give garbage, not an error.
-Without it, `num_attention_heads` (8 in every MiniMind2 preset) and the MoE top-k (2) are taken as given.
+config (head_dim, qk_norm and the MoE fields included) and the tokenizer the model was trained with (its folder,
+None for the bundled one, and its fingerprint). When it is there the config is used (and checked against the
+tensors) and `load_tokenizer_for` picks that tokenizer, refusing one that differs: two tokenizers with the same
+vocabulary size give garbage, not an error.
 
     read_state_dict(path) -> dict                    a weight file, or the model inside a resume checkpoint
-    config_from_state_dict(sd, num_attention_heads=8, num_experts_per_tok=2) -> MiniMindConfig
-    find_weights(name, out_dir="out") -> Path        a path, or a stage prefix: "full_sft" -> out/full_sft_*.pth
+    config_from_state_dict(sd, num_attention_heads=8, num_experts_per_tok=None) -> MiniMindConfig
+    find_weights(name, out_dir="out") -> Path        a path, a file name ("reason_128"), or a stage prefix:
+                                                     "full_sft" -> out/full_sft_*.pth
     load_model(path, lora=None, ...) -> MiniMindForCausalLM in eval mode, a LoRA adapter merged in if given
     load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer   the one the card names (or tokenizer_dir, checked)
 """
@@ -27,7 +34,7 @@ from typing import Optional, Union
 
 import torch
 
-from minimind.config import MiniMindConfig
+from minimind.config import PRESETS, MiniMindConfig
 from minimind.lora import attach_lora, remove_lora
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import Tokenizer, load_tokenizer
@@ -51,31 +58,40 @@ def read_state_dict(path) -> dict:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
-def config_from_state_dict(sd: dict, num_attention_heads: int = 8, num_experts_per_tok: int = 2,
+def config_from_state_dict(sd: dict, num_attention_heads: int = 8, num_experts_per_tok: Optional[int] = None,
                            name: str = "state dict") -> MiniMindConfig:
-    """The MiniMindConfig whose model has exactly the tensors of `sd` (MiniMind2 key names)."""
+    """The MiniMindConfig whose model has exactly the tensors of `sd` (MiniMind key names; see the module docstring).
+    num_attention_heads is used only without q/k norm; num_experts_per_tok None = the generation's (1 or 2)."""
     def need(key):
         if key not in sd:
-            raise ValueError(f"{name}: not a MiniMind2 model (no {key}); a LoRA adapter goes to --lora")
+            raise ValueError(f"{name}: not a MiniMind model (no {key}); a LoRA adapter goes to --lora")
         return sd[key]
 
     vocab, hidden = need("model.embed_tokens.weight").shape
-    head_dim = hidden // num_attention_heads
-    kv_heads = need("model.layers.0.self_attn.k_proj.weight").shape[0] // head_dim
+    q_rows = need("model.layers.0.self_attn.q_proj.weight").shape[0]
+    k_rows = need("model.layers.0.self_attn.k_proj.weight").shape[0]
+    qk_norm = "model.layers.0.self_attn.q_norm.weight" in sd
+    generation = dict(PRESETS["minimind3"]) if qk_norm else {}
+    if qk_norm:
+        head_dim = sd["model.layers.0.self_attn.q_norm.weight"].shape[0]
+        num_attention_heads = q_rows // head_dim
+    else:
+        head_dim = q_rows // num_attention_heads
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     use_moe = "model.layers.0.mlp.gate.weight" in sd
-    moe = {}
     if use_moe:
         experts = {int(k.split(".")[5]) for k in sd if k.startswith("model.layers.0.mlp.experts.")}
         shared = {int(k.split(".")[5]) for k in sd if k.startswith("model.layers.0.mlp.shared_experts.")}
-        moe = dict(n_routed_experts=len(experts), n_shared_experts=len(shared),
-                   num_experts_per_tok=min(num_experts_per_tok, len(experts)))
+        top_k = num_experts_per_tok or generation.get("num_experts_per_tok", 2)
+        generation.update(n_routed_experts=len(experts), n_shared_experts=len(shared),
+                          num_experts_per_tok=min(top_k, len(experts)))
         inter = need("model.layers.0.mlp.experts.0.gate_proj.weight").shape[0]
     else:
         inter = need("model.layers.0.mlp.gate_proj.weight").shape[0]
-    return MiniMindConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_attention_heads,
-                          num_key_value_heads=kv_heads, vocab_size=vocab, intermediate_size=inter, use_moe=use_moe,
-                          **moe)
+    generation.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=num_attention_heads,
+                      num_key_value_heads=k_rows // head_dim, head_dim=head_dim, qk_norm=qk_norm, vocab_size=vocab,
+                      intermediate_size=inter, use_moe=use_moe)
+    return MiniMindConfig(**generation)
 
 
 def config_path(weights_path) -> Path:
@@ -116,7 +132,8 @@ def model_config(sd: dict, path, num_attention_heads: Optional[int] = None) -> M
         raise ValueError(f"--num_attention_heads {num_attention_heads} contradicts {side} "
                          f"({config.num_attention_heads})")
     seen = config_from_state_dict(sd, config.num_attention_heads, config.num_experts_per_tok, name=str(path))
-    keys = ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size", "intermediate_size", "use_moe")
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_norm",
+            "vocab_size", "intermediate_size", "use_moe")
     wrong = [f"{k} {getattr(config, k)} vs {getattr(seen, k)}" for k in keys if getattr(config, k) != getattr(seen, k)]
     if wrong:
         raise ValueError(f"{side} does not describe {path}: " + ", ".join(wrong))
@@ -140,19 +157,24 @@ def load_tokenizer_for(path, tokenizer_dir=None) -> Tokenizer:
 
 
 def find_weights(name: Union[str, Path], out_dir="out") -> Path:
-    """A path as given, or a stage prefix ("pretrain", "full_sft", "rlhf", "reason", ...) resolved to the single
-    {out_dir}/{prefix}_{hidden}[_moe].pth there is; several sizes need a path."""
+    """A path as given, a file name without .pth in out_dir ("reason_128"), or a stage prefix ("pretrain",
+    "full_sft", "rlhf", "reason", ...) resolved to the single {out_dir}/{prefix}_{hidden}[_moe].pth there is;
+    several sizes need a path or the file name."""
     path = Path(name)
     if path.suffix in (".pth", ".pt") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such weight file")
         return path
+    if (Path(out_dir) / f"{name}.pth").is_file():
+        return Path(out_dir) / f"{name}.pth"
     found = sorted(p for p in Path(out_dir).glob(f"{name}_*.pth")
                    if p.stem[len(str(name)) + 1:].removesuffix("_moe").isdigit())
     if not found:
-        raise FileNotFoundError(f"no {out_dir}/{name}_<hidden>.pth: train that stage first, or pass a file path")
+        raise FileNotFoundError(f"no {out_dir}/{name}_<hidden>.pth or {out_dir}/{name}.pth: train that stage first, "
+                                f"or pass a file path")
     if len(found) > 1:
-        raise ValueError(f"{name!r} matches {[str(p) for p in found]}; pass one of them as a path")
+        raise ValueError(f"{name!r} matches {[str(p) for p in found]}; pass one of them (its path, or its name without "
+                         f".pth)")
     return found[0]
 
 

@@ -1,4 +1,4 @@
-"""Every registered Triton kernel, in every configuration its wrapper picks at MiniMind2 shapes, compiles for real
+"""Every registered Triton kernel, in every configuration its wrapper picks at MiniMind2 and minimind-3 shapes, compiles for real
 GPUs (sm_80, sm_86, sm_90) with triton.compile, no GPU needed. conftest.py turns the interpreter on, under which
 @triton.jit functions cannot be compiled, so the compiler runs in a subprocess without TRITON_INTERPRET, with an
 empty Triton cache so that nothing passes from a cached binary."""
@@ -29,14 +29,20 @@ def test_every_kernel_compiles_for_sm80_sm86_sm90(tmp_path):
 
 def test_registry_covers_every_kernel_file_and_uses_the_wrappers_configs():
     """Each kernel file in the registry yields cases for all three of its MiniMind2 configurations, named by them."""
-    from kernels import aot, rms_norm, rope, swiglu
-    names = [c.name for c in aot.cases(["rms_norm", "rope", "swiglu"])]
+    from kernels import aot, qk_norm_rope, rms_norm, rope, swiglu
+    names = [c.name for c in aot.cases(["rms_norm", "rope", "qk_norm_rope", "swiglu"])]
     for H in aot.HIDDEN:
         block, _ = rms_norm.rms_norm_config(H, 2)
         assert f"rms_norm_fwd[BLOCK={block},bf16/fp32,residual fp32]" in names
         assert f"rms_norm_bwd[BLOCK={block},bf16/fp32,dh]" in names
+        assert f"rms_norm_bwd[BLOCK={block},fp32/fp32,dh,dx bf16,dr fp32]" in names  # autocast: fp32 stream
     for n_q, n_kv, D in aot.HEADS:
         bq, bkv, bh, _ = rope.rope_config(n_q, n_kv, D)
         assert f"rope_bwd[BLOCK_HQ={bq},BLOCK_HKV={bkv},BLOCK_HALF={bh},bf16]" in names
+    assert (8, 4, 96) in aot.HEADS  # minimind-3's heads
+    for n_q, n_kv, D in aot.HEADS:
+        bq, bkv, bh, _, _ = qk_norm_rope.qk_norm_rope_config(n_q, n_kv, D)
+        for kernel in ("fwd", "bwd"):
+            assert f"qk_norm_rope_{kernel}[BLOCK_HQ={bq},BLOCK_HKV={bkv},BLOCK_HALF={bh},half={D // 2},bf16/fp32]" in names
     block, _ = swiglu.SWIGLU_CONFIG
     assert f"swiglu_bwd[BLOCK={block},bf16]" in names

@@ -15,6 +15,20 @@ def test_torch_backend_has_every_op():
     assert "torch" in kernels.available_backends()
 
 
+def test_triton_backend_takes_every_op_from_its_kernel_file():
+    """A kernel file that fails to import becomes an op that raises NotImplementedError when called (the backend's
+    rule for an op it lacks); here every triton op must be the kernel file's own function, so that shows as a
+    failure, not as a skipped stage test."""
+    pytest.importorskip("triton")
+    if backend.triton_unavailable_reason():
+        pytest.skip(backend.triton_unavailable_reason())
+    ops = kernels.get_backend("triton")
+    for op, spec in backend.TRITON_OPS.items():
+        module, name = spec.split(":")
+        fn = getattr(ops, op)
+        assert (fn.__module__, fn.__name__) == (module, name), f"triton {op}: {spec} did not load"
+
+
 def test_unknown_backend_lists_available():
     with pytest.raises(ValueError, match=r"unknown kernels backend 'cuda'.*available here: \['torch'"):
         kernels.get_backend("cuda")

@@ -2,6 +2,7 @@
 
 Nothing here asserts a speed: CPU numbers only prove that the harnesses run and write well-formed results.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -145,6 +146,24 @@ def test_throughput_backend_without_the_op_is_unavailable(tmp_path, monkeypatch)
     assert [r["status"] for r in rows] == ["unavailable"], rows
 
 
+def test_throughput_measures_the_minimind3_presets(tmp_path):
+    """--preset minimind3-moe on the CPU: a tiny model of its structure, both steps measured; the MFU count's
+    attention term uses heads x head_dim, not the hidden size."""
+    from minimind.config import MiniMindConfig
+    cfg = throughput.tiny_config("minimind3-moe")
+    assert cfg.qk_norm and cfg.head_dim == 16 and cfg.num_key_value_heads == 4 and cfg.n_shared_experts == 0
+    assert throughput.main(["--cpu-smoke", "--preset", "minimind3-moe", "--variants", "minimind2", "torch",
+                            "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "throughput.json").read_text())["results"]
+    assert [(r["preset"], r["variant"], r["status"]) for r in rows] == [("minimind3-moe", "minimind2", "ok"),
+                                                                       ("minimind3-moe", "torch", "ok")]
+    from minimind.model import MiniMindForCausalLM
+    from train import engine
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(MiniMindConfig.from_preset("minimind3", head_dim=64))
+    assert engine.default_flops_per_token(model, 512) == 6 * engine.matmul_params(model) + 12 * 8 * 8 * 64 * 512
+
+
 def _throughput_doc(device="NVIDIA H200"):
     """A throughput file as bench.throughput writes it, with round numbers for hand computation."""
     def row(variant, preset, tok_s, step_ms, useful, flops_per_token=1e9):
@@ -183,6 +202,32 @@ def test_cost_arithmetic_by_hand():
     assert rows[("small", "rlhf")]["tokens"] == pytest.approx(0.9e9 / 2.6)
     assert rows[("small", "rlhf")]["hours"] == pytest.approx(0.9e9 / 2.6 * 4 / 3 / 4e5 / 3600)
     assert "MISSED (projection)" in cost.markdown(doc)
+
+
+def test_cost_knows_minimind3_table_and_data_sizes():
+    """minimind-3's presets get minimind-3's stages (not MiniMind2's): token estimates from its published sizes,
+    its published 3090 hours per epoch, and the Zero model (pretrain_t2t_mini + sft_t2t_mini) adding up to the
+    published 2.31 h / 3.0 yuan; stages without a published size show only the published hours."""
+    doc = _throughput_doc()
+    for r in list(doc["results"]):
+        doc["results"].append({**r, "preset": "minimind3"})
+    doc = cost.build(doc, tokens={"sft_t2t_mini": 400_000_000})
+    rows = {(r["model"], r["stage"]): r for r in doc["rows"]}
+    assert {s for m, s in rows if m == "minimind3"} == {s for s, v in cost.STAGES.items() if v["generation"] == cost.M3}
+    assert ("small", "pretrain_t2t_mini") not in rows and ("minimind3", "pretrain") not in rows
+    pre = rows[("minimind3", "pretrain_t2t_mini")]
+    assert pre["tokens"] == pytest.approx(1.2e9 / 3.70) and pre["token_source"] == "estimate" and pre["seq_len"] == 340
+    assert pre["hours"] == pytest.approx(1.2e9 / 3.70 / 4e5 / 3600)  # the fastest variant: 4e5 useful tok/s
+    assert pre["proj_3090_ratio_h"] == pytest.approx(1.21 / 4.0)
+    assert rows[("minimind3", "pretrain_t2t")]["tokens"] == pytest.approx(10e9 / 3.70)
+    assert rows[("minimind3", "sft_t2t_mini")]["hours"] == pytest.approx(4e8 / 4e5 / 3600)
+    for stage, published in (("toolcall", 0.9), ("rlaif", 1.1)):
+        assert rows[("minimind3", stage)]["published_3090_h"] == published
+        assert rows[("minimind3", stage)].get("hours") is None and rows[("minimind3", stage)]["tokens"] is None
+    zero = doc["zero"]["minimind3"]
+    assert zero["published_3090_h"] == pytest.approx(2.31) and zero["published_3090_yuan"] == pytest.approx(3.0, abs=0.01)
+    assert zero["hours"] == pytest.approx(pre["hours"] + 4e8 / 4e5 / 3600)
+    assert "minimind-3 Zero (minimind3" in cost.markdown(doc)
 
 
 def test_cost_datasheet_and_matmul_rate_source():
@@ -240,6 +285,10 @@ def test_gpu_suite_end_to_end_on_cpu(tmp_path):
     assert tp["results"][1]["speedup"] > 0
     cr = json.loads((out / "compile_report.json").read_text())
     assert cr["rows"] and not cr["failures"] and all(r["cc"] == 90 for r in cr["rows"])
+    if importlib.util.find_spec("pytest_benchmark"):  # the pytest-benchmark part (CPU loaders in the smoke run)
+        names = [b["name"] for b in json.loads((out / "benchmarks.json").read_text())["benchmarks"]]
+        assert sorted(names) == ["test_loader[pretrain-False]", "test_loader[pretrain-True]"]
+        assert "## pytest-benchmark" in summary and "loader_tokens_s" in summary
 
 
 def test_token_counts_and_padding_through_the_pipeline(tmp_path):
@@ -269,3 +318,22 @@ def test_summary_survives_missing_and_broken_parts(tmp_path):
     assert "| kernels | 124 (timed out) | 115 |" in text
     assert "## kernels: no result" in text and "## throughput: could not summarise" in text
     assert "1 PASSED, 1 FAILED" in text
+
+
+def test_data_bench_builds_a_given_files_cache_beside_it_once(tmp_path):
+    """bench.data --pretrain FILE: the parallel build is the cache training uses (FILE.tokcache), reused when it is
+    already there; the in-process build is timed on a copy of the file's first MBs, not on the whole file again."""
+    from bench import data as bench_data
+    from minimind.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    path = tmp_path / "pretrain.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(300)))
+    (tmp_path / "tmp").mkdir()
+    first = bench_data.bench_cache(tok, path, "pretrain", 2, tmp_path / "tmp", sample_mb=0.01)
+    second = bench_data.bench_cache(tok, path, "pretrain", 2, tmp_path / "tmp", sample_mb=0.01)
+    assert first["parallel"]["folder"].startswith(f"{path}.tokcache") and not first["parallel"]["reused"]
+    assert second["parallel"]["reused"] and second["parallel"]["cache_build_mb_s"] is None
+    assert second["parallel"]["folder"] == first["parallel"]["folder"]
+    head = first["in_process"]
+    assert head["folder"].startswith(str(tmp_path / "tmp")) and head["mb"] <= 0.01 < first["parallel"]["mb"]
+    assert head["cache_build_mb_s"] > 0 and head["workers"] == 0

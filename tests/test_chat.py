@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind.config import PRESETS
 from minimind.chat import main as chat_main
 from minimind.generate import chat, stream_text
 from minimind.lora import apply_lora, lora_state_dict
@@ -25,6 +26,10 @@ def tiny(seed=0, **overrides):
     return model
 
 
+# minimind-3's structure at toy size: q/k norm, 8 q / 4 kv heads of 24 (not hidden / heads), top-1 MoE, no shared
+MINIMIND3 = dict(PRESETS["minimind3"], hidden_size=64, num_hidden_layers=2, head_dim=24)
+
+
 def save_fp16(model, path):
     """What the trainer writes: an fp16 state dict with MiniMind2's keys."""
     torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
@@ -32,18 +37,23 @@ def save_fp16(model, path):
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96),
-                                       dict(use_moe=True, n_routed_experts=3, n_shared_experts=1)])
+                                       dict(use_moe=True, n_routed_experts=3, n_shared_experts=1), MINIMIND3,
+                                       dict(MINIMIND3, use_moe=True, num_key_value_heads=2, n_routed_experts=3)],
+                         ids=["minimind2", "minimind2-sizes", "minimind2-moe", "minimind3", "minimind3-moe"])
 def test_config_is_read_off_the_state_dict(overrides):
     cfg = tiny(**overrides).config
     got = config_from_state_dict(tiny(**overrides).state_dict())
-    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                  "intermediate_size", "use_moe", "n_routed_experts", "n_shared_experts"):
+    if cfg.qk_norm:  # q_norm gives the head dim, so the heads; and a minimind-3 file is minimind-3's in the rest
+        assert got == cfg
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "vocab_size", "intermediate_size", "use_moe", "n_routed_experts", "n_shared_experts"):
         if field.startswith("n_") and not cfg.use_moe:
             continue
         assert getattr(got, field) == getattr(cfg, field), field
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(use_moe=True)], ids=["dense", "moe"])
+@pytest.mark.parametrize("overrides", [dict(), dict(use_moe=True), MINIMIND3, dict(MINIMIND3, use_moe=True)],
+                         ids=["dense", "moe", "minimind3", "minimind3-moe"])
 def test_load_model_gives_the_saved_model(tmp_path, overrides):
     model = tiny(**overrides)
     path = save_fp16(model, tmp_path / "full_sft_64.pth")
@@ -84,6 +94,7 @@ def test_weight_files_are_found_by_prefix_and_bad_ones_named(tmp_path):
     save_fp16(tiny(), tmp_path / "full_sft_128.pth")
     with pytest.raises(ValueError, match="full_sft_128.pth"):
         find_weights("full_sft", tmp_path)
+    assert find_weights("full_sft_128", tmp_path) == tmp_path / "full_sft_128.pth"  # the file name picks one
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
         read_state_dict(tmp_path / "junk.pth")
@@ -208,7 +219,7 @@ def test_the_card_picks_the_tokenizer_and_refuses_another(tmp_path):
 
 
 def test_a_state_dict_without_layers_is_named():
-    with pytest.raises(ValueError, match="weights.pth: not a MiniMind2 model"):
+    with pytest.raises(ValueError, match="weights.pth: not a MiniMind model"):
         config_from_state_dict({"model.embed_tokens.weight": torch.zeros(10, 8)}, name="weights.pth")
 
 

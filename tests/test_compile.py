@@ -102,6 +102,22 @@ def test_dpo_compile_runs_policy_and_reference_blocks_compiled(files, counted_co
     assert _losses(compiled) == _losses(eager)
 
 
+def test_compile_mode_reaches_every_compiled_model_and_each_step_marks_a_graph_generation(files, monkeypatch):
+    """--compile_mode reduce-overhead implies --compile, gives its mode to the policy's and the reference's blocks
+    (the CUDA graphs themselves need a GPU: here the counting backend compiles), and every optimizer step starts a
+    new CUDA-graph generation."""
+    calls, options, steps, real = [], [], [], engine.compile_blocks
+
+    def compile_blocks(model, **kwargs):
+        options.append(kwargs)
+        return real(model, backend=counting_backend(calls))
+    monkeypatch.setattr(engine, "compile_blocks", compile_blocks)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    result = dpo.main(_dpo_argv(files, "graphs", ["--compile_mode", "reduce-overhead"]))
+    assert options == [{"mode": "reduce-overhead"}] * 2 and sorted(calls) == [False] * 4 + [True] * 4
+    assert len(steps) == result["steps"] == 2
+
+
 def test_dpo_precomputed_reference_runs_compiled_once_over_the_data(files, counted_compile):
     from minimind.data import build_loader
     dpo.main(_dpo_argv(files, "compiled", ["--compile", "--precompute_ref"]))

@@ -18,16 +18,17 @@ from tests.conftest import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# kernels per forward graph: 2 add_rms_norm (or rms_norm + add_rms_norm), rope, and the MLP's swiglu; the MoE MLP
-# has the shared expert's swiglu and the experts' gate_up, rows_to_slots and combine
-BLOCK_FORWARD_KERNELS = {"dense": 4, "moe": 7}
-BLOCK_BACKWARD_KERNELS = {"dense": 4, "moe": 10}  # + the experts' 3 weight gradients
-OP_FORWARD_KERNELS = {"rms_norm": 1, "swiglu": 1, "rope": 1, "linear_cross_entropy": 1, "linear_logprobs": 1,
-                      "moe_experts": 3}
+# kernels per forward graph: 2 add_rms_norm (or rms_norm + add_rms_norm), rope (minimind-3: qk_norm_rope), and the
+# MLP's swiglu; the MoE MLP has the shared expert's swiglu (minimind-3: none) and the experts' gate_up,
+# rows_to_slots and combine
+BLOCK_FORWARD_KERNELS = {"dense": 4, "moe": 7, "minimind3": 4, "minimind3-moe": 6}
+BLOCK_BACKWARD_KERNELS = {"dense": 4, "moe": 10, "minimind3": 4, "minimind3-moe": 9}  # + experts' weight gradients
+OP_FORWARD_KERNELS = {"rms_norm": 1, "swiglu": 1, "rope": 1, "qk_norm_rope": 1, "linear_cross_entropy": 1,
+                      "linear_logprobs": 1, "moe_experts": 3}
 # the mean linear cross-entropy computes both gradients in its forward (its backward only scales them); the MoE's
 # backward is gate_up's, rows_to_slots', the combine's and the 3 weight gradients'
-OP_BACKWARD_KERNELS = {"rms_norm": 1, "swiglu": 1, "rope": 1, "linear_cross_entropy": 0, "linear_logprobs": 1,
-                       "moe_experts": 6}
+OP_BACKWARD_KERNELS = {"rms_norm": 1, "swiglu": 1, "rope": 1, "qk_norm_rope": 1, "linear_cross_entropy": 0,
+                       "linear_logprobs": 1, "moe_experts": 6}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +62,14 @@ def _kernels(case, role):
 
 def test_every_block_traces_whole_with_its_kernels_and_a_symbolic_batch(traced):
     blocks = {name: c for name, c in traced.items() if name.startswith("block[")}
-    assert len(blocks) == 8  # dense / MoE x first layer / later layer x training / no grad
+    # MiniMind2 dense / MoE x first layer / later layer x training / no grad; minimind-3's later layers
+    assert len(blocks) == 12
     for name, case in blocks.items():
-        kind = "moe" if "moe" in name else "dense"
+        kind = name.removeprefix("block[").split(",")[0]
         role = "forward" if "train" in name else "inference"
         # the first shape, then the second with a symbolic size, which the third and fourth reuse (no recompile)
         assert _kernels(case, role) == [BLOCK_FORWARD_KERNELS[kind]] * 2 and case["dynamic"], (name, case)
-        if kind == "moe":  # the expert-id check stays in the graph as a device assert
+        if kind.endswith("moe"):  # the expert-id check stays in the graph as a device assert
             assert all(_asserts(case, role)), (name, case)
         if role == "forward":  # the backward of each shape, as Dynamo traced it and as AOT autograd partitioned it
             assert case["dynamo_backward_kernels"] == [BLOCK_BACKWARD_KERNELS[kind]] * 2, (name, case)
@@ -88,15 +90,18 @@ def test_every_triton_op_traces_whole(traced):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="runs the compiled kernels: needs a CUDA GPU")
-@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
-def test_compiled_triton_blocks_match_eager_on_cuda(use_moe):
+@pytest.mark.parametrize("preset", [None, "moe", "minimind3", "minimind3-moe"])
+def test_compiled_triton_blocks_match_eager_on_cuda(preset):
     """Inductor compiles the blocks around the Triton kernels; two batch shapes, forward and backward, against the
     same model run eagerly (fp32: the compiled graph reorders only elementwise float math)."""
     from minimind import MiniMindConfig, MiniMindForCausalLM
     from train.engine import compile_blocks
     torch._dynamo.reset()
-    cfg = MiniMindConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=257, use_moe=use_moe)
+    shape = dict(hidden_size=128, num_hidden_layers=2, vocab_size=257)
+    if preset and preset.startswith("minimind3"):  # q/k norm fused into RoPE; 8 q / 4 kv heads of 32
+        cfg = MiniMindConfig.from_preset(preset, head_dim=32, **shape)
+    else:
+        cfg = MiniMindConfig(num_attention_heads=4, num_key_value_heads=2, use_moe=preset == "moe", **shape)
     torch.manual_seed(0)
     eager = MiniMindForCausalLM(cfg, kernels="triton").cuda()
     compiled = MiniMindForCausalLM(cfg, kernels="triton").cuda()

@@ -9,6 +9,7 @@ import pytest
 
 from minimind.data import DataError, build_loader, load_token_cache
 from minimind.tokenizer import load_tokenizer
+from tests.train_helpers import minimind2_loss_mask
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,14 @@ def dpo_file(tmp_path):
         recs.append({"chosen": [user, {"role": "assistant", "content": "good " * rng.randrange(1, 20)}],
                      "rejected": [user, {"role": "assistant", "content": "bad " * rng.randrange(1, 40)}]})
     return write_jsonl(tmp_path / "dpo.jsonl", recs)
+
+
+def independent_labels(tok, conversation, max_len):
+    """(ids, labels) of a conversation truncated to max_len, not from encode_chat (which builds the cache): the ids
+    of the rendered template text, and labels by MiniMind2's rule written out in tests/train_helpers.py."""
+    ids = tok.encode(tok.apply_chat_template(conversation))
+    labels = [t if m else -100 for t, m in zip(ids, minimind2_loss_mask(ids, tok))]
+    return ids[:max_len], labels[:max_len]
 
 
 def all_batches(loader):
@@ -113,11 +122,10 @@ def test_chat_labels_are_the_assistant_mask(tok, sft_file, kind):
         T = batch["input_ids"].shape[1]
         assert T <= L
         for i, ids, labels, attn in zip(idx, batch["input_ids"], batch["labels"], batch["attention_mask"]):
-            want_ids, mask = tok.encode_chat(records[i]["conversations"])
-            want_ids, mask = want_ids[:L], mask[:L]
+            want_ids, want_labels = independent_labels(tok, records[i]["conversations"], L)
             k = len(want_ids)
             assert ids[:k].tolist() == want_ids and (ids[k:] == 0).all() and attn.sum() == k
-            assert labels[:k].tolist() == [t if m else -100 for t, m in zip(want_ids, mask)]
+            assert labels[:k].tolist() == want_labels
             assert (labels[k:] == -100).all()
             n += 1
     assert n == loader.stats()["sequences"] == 200
@@ -150,10 +158,9 @@ def test_dpo_pairs(tok, dpo_file):
         assert len(shapes) == 1 and len(batch) == 6
         for side in ("chosen", "rejected"):
             for i, ids, labels in zip(idx, batch[f"{side}_input_ids"], batch[f"{side}_labels"]):
-                want, mask = tok.encode_chat(records[i][side])
-                want, mask = want[:64], mask[:64]
+                want, want_labels = independent_labels(tok, records[i][side], 64)
                 assert ids[:len(want)].tolist() == want
-                assert labels[:len(want)].tolist() == [t if m else -100 for t, m in zip(want, mask)]
+                assert labels[:len(want)].tolist() == want_labels
         n += len(idx)
     s = loader.stats()
     assert n == s["pairs"] and s["pairs"] + s["no_target_pairs"] == 120
@@ -304,6 +311,10 @@ def test_state_of_another_setting_is_refused(tok, sft_file):
 GOOD_SFT = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD = [
     ("sft", '{"conversations": [', "malformed JSON"),
+    # the line ends inside the string (a truncated file): json's "Invalid control character at" (the newline)
+    ("pretrain", '{"text": "a truncated rec', r"the line ends inside a record \(Invalid control character at column "
+                                              r"26\); it looks truncated \("),
+    ("pretrain", '{"text": 5 6}', r"malformed JSON: Expecting ',' delimiter at column 12 \("),
     ("sft", {"messages": []}, "missing field 'conversations'"),
     ("sft", {"conversations": "hi"}, "must be a list"),
     ("sft", {"conversations": []}, "empty conversation"),
@@ -339,6 +350,17 @@ def test_bad_record_names_file_and_line(tok, tmp_path, kind, bad, message):
     # the cache now knows about the bad record: without the flag it still refuses
     with pytest.raises(DataError, match="bad.jsonl:3:"):
         build_loader(kind, path, tok, max_seq_len=32, batch_size=1)
+
+
+def test_the_cache_command_names_a_bad_record_in_one_line(tmp_path):
+    """python -m minimind.data: FILE:LINE and what is wrong, exit 2; no traceback, no usage block."""
+    from tests.train_helpers import run_module
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, '{"text": "cut off'])
+    r = run_module(["-m", "minimind.data", "--kind", "pretrain", "--data", str(path)])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "usage:" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(f"python -m minimind.data: error: {path}:2: malformed JSON: the line ends inside a "
+                               f"record (Invalid control character at column 18); it looks truncated")
 
 
 def test_invalid_utf8_names_file_and_line(tok, tmp_path):

@@ -121,10 +121,7 @@ def test_distill_stage_moves_the_student_towards_the_teacher(tmp_path, kernels):
                          "--out_dir", str(tmp_path / "out"), "--max_seq_len", str(seq), "--batch_size", str(bs),
                          "--epochs", "1", "--max_steps", str(steps), "--learning_rate", "1e-2",
                          "--temperature", "2.0", "--alpha", "0.5", "--distill_chunk", "37"]
-    try:
-        result = distill.main(argv)
-    except NotImplementedError as e:
-        pytest.skip(f"triton backend incomplete: {e}")
+    result = distill.main(argv)
     assert result["weights_path"].endswith("full_dist_64.pth")
     # MFU: the student's forward + backward and the teacher's forward (d_attn = 8 heads x 12 = 96), per token
     n_s, n_t = engine.matmul_params(result["model"]), engine.matmul_params(teacher)

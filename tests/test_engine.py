@@ -10,7 +10,7 @@ import torch
 from minimind.config import MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from tests.train_helpers import demo_data, one_thread, run_module, tiny_flags  # noqa: F401  (fixtures)
-from train import distill, dpo, engine, pretrain, sft
+from train import distill, dpo, engine, metrics, pretrain, sft
 from train.checkpoint import atomic_save
 from train.engine import ConfigError
 
@@ -24,6 +24,52 @@ def test_lr_schedule_is_minimind2_cosine_after_a_linear_warmup():
     assert engine.lr_at(50, total, lr, 0) == pytest.approx(1e-4 + 0.5e-3)
     assert engine.lr_at(0, total, lr, 10) == pytest.approx(engine.lr_at(0, total, lr, 0) / 10)
     assert engine.lr_at(9, total, lr, 10) == pytest.approx(engine.lr_at(9, total, lr, 0))
+
+
+def test_train_step_averages_the_micro_batch_gradients():
+    """Plain SGD, no clipping: one train_step over A micro-batches moves each weight by exactly -lr times the mean
+    of the A per-micro-batch gradients (computed here one by one), and returns the mean loss and summed metrics.
+    With clipping far above the norm, the grad norm it returns is that mean gradient's norm."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    micro_batches = [{"x": torch.randn(4, 5)} for _ in range(3)]
+
+    def step_fn(batch):
+        return (model(batch["x"]) ** 2).mean(), {"rows": torch.tensor(4.0)}
+
+    losses, grads = [], []
+    for batch in micro_batches:
+        loss = step_fn(batch)[0]
+        losses.append(loss.item())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    mean_grad = [sum(g[i] for g in grads) / 3 for i in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    loss, metrics, norm = engine.train_step(step_fn, micro_batches, optimizer, params, 0.5, grad_clip=0)
+    assert norm is None and loss.item() == pytest.approx(sum(losses) / 3) and metrics["rows"].item() == 12.0
+    for p, b, g in zip(model.parameters(), before, mean_grad):
+        torch.testing.assert_close(p.detach(), b - 0.5 * g, rtol=1e-6, atol=1e-7)
+        assert p.grad is None  # zeroed for the next step
+    grads = [torch.autograd.grad(step_fn(b)[0], params) for b in micro_batches]
+    want = torch.cat([sum(g[i] for g in grads).flatten() / 3 for i in range(2)]).norm()
+    _, _, norm = engine.train_step(step_fn, micro_batches, optimizer, params, 0.5, grad_clip=1e9)
+    assert norm.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_accumulation_steps_take_the_step_of_one_big_batch(demo_data, tmp_path):  # noqa: F811
+    """Packed pretraining rows are all full, so --batch_size 2 --accumulation_steps 2 takes the same optimizer
+    steps as --batch_size 4 (the loader cuts the same shuffled rows): same losses and the same logged grad norms
+    (AdamW and clipping hide a constant factor on the gradient in the losses, not in the grad norm)."""
+    logs = {}
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch_size}"
+        pretrain.main(tiny_flags(out, demo_data["pretrain"], steps=3, batch_size=batch_size,
+                                 extra=["--accumulation_steps", accumulation]))
+        logs[accumulation] = [json.loads(x) for x in (out / "pretrain_metrics.jsonl").read_text().splitlines()]
+    for one, two in zip(logs[1], logs[2], strict=True):
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
@@ -150,6 +196,12 @@ def test_bad_flag_on_the_command_line_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "--epochs: invalid int value" in r.stderr
     r = run_module(["-m", "train.pretrain", "--data_path", str(tmp_path / "none.jsonl")])
     assert r.returncode == 2 and "none.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+    # an error in the data: that line alone, not the usage block of every flag before it
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n', encoding="utf-8")
+    r = run_module(["-m", "train.pretrain", *tiny_flags(tmp_path, tmp_path / "bad.jsonl")])
+    assert r.returncode == 2 and "usage:" not in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"python -m train.pretrain: error: {tmp_path / 'bad.jsonl'}:2: missing field 'text'")
 
 
 def test_help_shows_minimind2_flags_and_the_gpu_recipe():
@@ -174,6 +226,19 @@ def test_preset_and_explicit_flags():
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (640, 2, True)
     cfg = engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args([]), 6400)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.use_moe) == (512, 8, False)  # MiniMind2's defaults
+    # minimind-3: another width keeps the preset's rules (pi MLP width, head dim hidden / heads, q/k norm, eps)
+    args = engine.build_parser(pretrain.STAGE).parse_args(["--preset", "minimind3", "--hidden_size", "512"])
+    cfg = engine.config_from_args(args, 6400)
+    assert (cfg.intermediate_size, cfg.head_dim, cfg.qk_norm, cfg.rms_norm_eps) == (1664, 64, True, 1e-6)
+    args = engine.build_parser(pretrain.STAGE).parse_args(
+        ["--preset", "moe", "--qk_norm", "1", "--head_dim", "32", "--num_experts_per_tok", "1", "--n_shared_experts",
+         "0", "--aux_loss_scope", "batch", "--aux_loss_alpha", "1e-3", "--intermediate_size", "256",
+         "--rms_norm_eps", "1e-6"])
+    cfg = engine.config_from_args(args, 6400)
+    assert (cfg.qk_norm, cfg.head_dim, cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.aux_loss_scope,
+            cfg.aux_loss_alpha, cfg.intermediate_size, cfg.rms_norm_eps) == (True, 32, 1, 0, "batch", 1e-3, 256, 1e-6)
+    with pytest.raises(engine.ConfigError, match="head_dim must be even"):
+        engine.config_from_args(engine.build_parser(pretrain.STAGE).parse_args(["--head_dim", "33"]), 6400)
 
 
 def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noqa: F811
@@ -194,6 +259,26 @@ def test_metrics_log_and_wandb_offline(demo_data, tmp_path, monkeypatch):  # noq
     assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "MiniMind-Pretrain"
     assert [s for s, _ in calls["log"]] == [1, 2] and calls["finish"]
     assert result["final_loss"] == records[-1]["loss"]
+
+
+def test_a_run_reports_its_data_its_schedule_and_where_the_weights_went(demo_data, tmp_path, capsys):  # noqa: F811
+    """Before training: a line on the data (every entry of Loader.stats()) and one on the lr schedule (the bar's lr
+    starts at 1.1x --learning_rate); after: steps, final loss and the weight file."""
+    from minimind.data import build_loader
+    from minimind.tokenizer import load_tokenizer
+    result = pretrain.main(tiny_flags(tmp_path, demo_data["pretrain"], steps=2))
+    out = capsys.readouterr().out
+    stats = build_loader("pretrain", demo_data["pretrain"], load_tokenizer(), max_seq_len=64, batch_size=4).stats()
+    assert f"(pretrain): {stats['records']:,} records, {stats['tokens']:,} tokens in {stats['batches']:,} batches " \
+           f"per epoch, padding 0.0% of {stats['padded_tokens']:,} token slots, skipped records 0, dropped tokens " \
+           f"{stats['dropped_tokens']:,}\n" in out
+    assert "--learning_rate 0.003: from 0.0033 (1.1x) down to 0.0003 over 2 steps" in out
+    assert "pretrain done: 2 steps in " in out
+    assert f"final loss {result['final_loss']:.4f}; weights -> {result['weights_path']}, metrics log -> " \
+           f"{result['metrics_path']}" in out
+    # an entry the summary has no words for is still shown (a loader may count more, e.g. document markers)
+    line = metrics.data_summary("d.jsonl", dict(stats, kind="pretrain", markers=1234), world_size=2)
+    assert line.endswith("markers 1,234") and "per epoch (each of 2 processes)" in line
 
 
 def test_trainable_subset_and_custom_weights(demo_data, tmp_path):  # noqa: F811

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
-from minimind.generate import (SamplingConfig, apply_repetition_penalty, filter_logits, generate, left_pad,
-                               next_token, stream)
+from minimind.generate import (BatchSampling, SamplingConfig, apply_repetition_penalty, filter_logits, generate,
+                               left_pad, sample, stream)
 
 
 def peaked_model(seed=0, vocab=97):
@@ -101,22 +101,28 @@ def test_filter_logits_top_p_and_top_k():
     assert kept(filter_logits(logits, top_k=3, top_p=1.0)) == [False, True, True, True]
 
 
+def draw(logits, cfg, seed=0):
+    """sample() on every row of logits with one settings, each row its own generator."""
+    n = logits.shape[0]
+    gens = [torch.Generator().manual_seed(seed * n + i) for i in range(n)]
+    return sample(logits, BatchSampling([cfg] * n, gens, "cpu"))[0]
+
+
 def test_sampling_follows_the_renormalised_distribution():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().repeat(20000, 1)
-    g = torch.Generator().manual_seed(0)
     cfg = SamplingConfig(temperature=1.0, top_p=0.81, top_k=0)
-    counts = torch.bincount(next_token(logits, cfg, generator=g), minlength=4).float() / 20000
+    counts = torch.bincount(draw(logits, cfg), minlength=4).float() / 20000
     want = torch.tensor([0.0, 0.5, 0.15, 0.3]) / 0.95
     # 20000 draws: a share's standard error is <= 0.0036, so 0.015 is four of them
     torch.testing.assert_close(counts, want, rtol=0, atol=0.015)
-    hot = next_token(logits, SamplingConfig(temperature=0.5, top_p=1.0), generator=g)
+    hot = draw(logits, SamplingConfig(temperature=0.5, top_p=1.0), seed=1)
     p = torch.tensor([0.05, 0.5, 0.15, 0.3]) ** 2
     torch.testing.assert_close(torch.bincount(hot, minlength=4).float() / 20000, p / p.sum(), rtol=0, atol=0.015)
 
 
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    out = apply_repetition_penalty(logits, torch.tensor([[True, True, False, False]]), 2.0)
     torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
     model = peaked_model(5)
     ids = torch.randint(3, 97, (1, 4))
@@ -126,22 +132,14 @@ def test_repetition_penalty():
 
 
 def test_repetition_penalty_ignores_left_pads():
-    """The pad id is not a token a padded row has seen: with a penalty, a padded row still decodes as alone."""
-    from types import SimpleNamespace
-
-    class Stub(torch.nn.Module):  # prefers token 0 (the pad id), then token 5, whatever the input
-        config = SimpleNamespace(max_position_embeddings=64)
-
-        def forward(self, ids, attention_mask=None, past_key_values=None, use_cache=False, logits_to_keep=0):
-            logits = torch.zeros(ids.shape[0], 1, 8)
-            logits[..., 0], logits[..., 5] = 2.0, 1.0
-            return SimpleNamespace(logits=logits, past_key_values=None)
-
-    ids, mask = left_pad([[3, 4, 6], [3, 4]])
-    kw = dict(max_new_tokens=2, temperature=0.0, eos_token_id=None, repetition_penalty=4.0)
-    batched = generate(Stub(), ids, mask, **kw)
-    alone = generate(Stub(), torch.tensor([[3, 4]]), **kw)
-    assert alone.tolist() == [[0, 5]] and torch.equal(batched[1], alone[0])
+    """The pad id is not a token a padded row has seen: with a penalty, a padded row still decodes as alone, even
+    when its pads are the very token it picks first."""
+    model = peaked_model(5)
+    kw = dict(max_new_tokens=4, temperature=0.0, eos_token_id=None, repetition_penalty=1e6)
+    alone = generate(model, torch.tensor([[3, 4]]), **kw)
+    ids, mask = left_pad([[3, 4, 6, 8, 9], [3, 4]], pad_token_id=int(alone[0, 0]))
+    batched = generate(model, ids, mask, **kw)
+    assert torch.equal(batched[1], alone[0])
 
 
 def test_bad_arguments():

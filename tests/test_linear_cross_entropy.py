@@ -109,20 +109,27 @@ def test_all_ignored_mean_is_zero_with_zero_gradients():
     assert loss.item() == 0.0 and (hidden.grad == 0).all() and (weight.grad == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("config", [(1, 1024, 4), (4, 2048, 8), "gpu"], ids=["1x1024", "4x2048", "gpu-rule"])
-@pytest.mark.parametrize("chunk_bytes", [None, 7 * 6401 * 4], ids=["one-chunk", "chunks-of-7-rows"])
-def test_blocks_and_chunks(config, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["one-chunk", "chunks-of-7-rows"])
+def test_blocks_and_chunks(config, chunk_rows, dtype, monkeypatch):
     """Vocab blocks smaller than the vocab (the online log-sum-exp loop), several rows per program, the GPU's own
     configuration, and token chunks that do not divide the tokens (29 rows at 7 rows' worth of bytes: 4 chunks of
-    6 rows and one of 5)."""
+    6 rows and one of 5), in fp32 and in bf16 (CPU and vocab 6400 defaults run one block and one chunk)."""
     rule = lce.cross_entropy_config
     monkeypatch.setattr(lce, "cross_entropy_config",
                         (lambda v: rule(v, tile=8192)) if config == "gpu" else (lambda v: config))
-    if chunk_bytes:
-        monkeypatch.setattr(lce, "MAX_CHUNK_LOGITS_BYTES", chunk_bytes)
+    if chunk_rows:
+        monkeypatch.setattr(lce, "MAX_CHUNK_LOGITS_BYTES", chunk_rows * 6401 * dtype.itemsize)
+    chunks = []
+    rows = lce._cross_entropy_rows
+    monkeypatch.setattr(lce, "_cross_entropy_rows", lambda logits, *a, **k: chunks.append(len(logits))
+                        or rows(logits, *a, **k))
     for reduction in ("mean", "none"):
-        check_against_reference(29, 80, 6401, torch.float32, seed=5, reduction=reduction, weighted=True, z_loss=1e-3)
-    check_against_reference(29, 80, 1000, torch.float32, seed=6, fn_name="linear_logprobs")
+        check_against_reference(29, 80, 6401, dtype, seed=5, reduction=reduction, weighted=True, z_loss=1e-3)
+    want = [6, 6, 6, 6, 5] if chunk_rows else [29]  # rows of the first launches: the chunks of one pass
+    assert chunks[:len(want)] == want
+    check_against_reference(29, 80, 1000, dtype, seed=6, fn_name="linear_logprobs")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -79,6 +79,17 @@ def test_matches_reference(shape, dtype):
     check_against_reference(make_inputs(*shape, dtype, seed=sum(shape)), dtype)
 
 
+# minimind-3's MoE: 4 experts of width 2432, top-1 (no shared expert: that is the layer's, tested below). On CUDA
+# at hidden 768 and 4096 tokens; under the interpreter the width alone (hidden 96, 6 tokens, bf16: ~40 s).
+MINIMIND3_SHAPES = ([((4096, 768, 2432, 4, 1), dtype) for dtype in (torch.float32, torch.bfloat16)] if CUDA else
+                    [((6, 96, 2432, 4, 1), torch.bfloat16)])
+
+
+@pytest.mark.parametrize("shape,dtype", MINIMIND3_SHAPES, ids=str)
+def test_matches_reference_at_minimind3_width(shape, dtype):
+    check_against_reference(make_inputs(*shape, dtype, seed=19), dtype)
+
+
 def test_matches_reference_in_fp16():
     check_against_reference(make_inputs(*SHAPES[0], torch.float16, seed=5), torch.float16)
 
@@ -195,20 +206,27 @@ def use_ops(model, ops):
             m.ops = ops
 
 
-def tiny_moe_config():
-    return MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          vocab_size=97, max_position_embeddings=32, use_moe=True, n_routed_experts=4,
-                          num_experts_per_tok=2, intermediate_size=48)
+def tiny_moe_config(generation="minimind2"):
+    """MiniMind2's MoE (top-2, a shared expert, sequence-level aux loss) or minimind-3's (top-1, no shared expert,
+    batch-level aux loss; q/k norm, 8 q / 4 kv heads of 8), at toy size."""
+    shape = dict(hidden_size=32, num_hidden_layers=2, vocab_size=97, max_position_embeddings=32, use_moe=True,
+                 intermediate_size=48)
+    if generation == "minimind3":
+        return MiniMindConfig.from_preset("minimind3-moe", head_dim=8, **shape)
+    return MiniMindConfig(num_attention_heads=4, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                          **shape)
 
 
-def test_moe_layer_gate_weight_gets_the_reference_gradient():
-    """Through MoEFeedForward (softmax gate, top-2, renormalised weights, shared expert, aux loss): output and
-    every parameter gradient, including the router's gate weight, match the torch reference in float32."""
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_moe_layer_gate_weight_gets_the_reference_gradient(generation):
+    """Through MoEFeedForward (softmax gate, top-k, renormalised weights, MiniMind2's shared expert, the aux loss):
+    output and every parameter gradient, including the router's gate weight, match the torch reference in
+    float32."""
     torch.manual_seed(16)
-    ref = MoEFeedForward(tiny_moe_config(), get_backend("torch")).to(DEVICE).train()
+    ref = MoEFeedForward(tiny_moe_config(generation), get_backend("torch")).to(DEVICE).train()
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    ours = MoEFeedForward(tiny_moe_config(), ops_with_triton_moe()).to(DEVICE).train()
+    ours = MoEFeedForward(tiny_moe_config(generation), ops_with_triton_moe()).to(DEVICE).train()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 9, 32, device=DEVICE)
     dy = torch.randn(2, 9, 32, device=DEVICE)
@@ -223,12 +241,13 @@ def test_moe_layer_gate_weight_gets_the_reference_gradient():
     assert ours.gate.weight.grad.abs().max() > 0
 
 
-def test_tiny_moe_model_trains_like_the_torch_backend():
+@pytest.mark.parametrize("generation", ["minimind2", "minimind3"])
+def test_tiny_moe_model_trains_like_the_torch_backend(generation):
     """Three SGD steps of a 2-layer MoE MiniMind: the loss (with the aux loss) and every parameter gradient at every
     step agree with kernels="torch" to 1e-4 relative (float32; summation order compounded over two layers)."""
     torch.manual_seed(17)
-    ref = MiniMindForCausalLM(tiny_moe_config(), kernels="torch").to(DEVICE)
-    ours = MiniMindForCausalLM(tiny_moe_config(), kernels="torch").to(DEVICE)
+    ref = MiniMindForCausalLM(tiny_moe_config(generation), kernels="torch").to(DEVICE)
+    ours = MiniMindForCausalLM(tiny_moe_config(generation), kernels="torch").to(DEVICE)
     ours.load_state_dict(ref.state_dict())
     use_ops(ours, ops_with_triton_moe())
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ref, ours)]

@@ -1,15 +1,14 @@
 """The tokenizer: bundled folder, MiniMind2 chat template equivalence, loss masks, and the training command."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from minimind.chat_template import MINIMIND2_TEMPLATE as CHAT_TEMPLATE
 from minimind.data import DataError
-from minimind.tokenizer import BUNDLED_TOKENIZER, CHAT_TEMPLATE, load_tokenizer
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "minimind-tokenizer"
-needs_real = pytest.mark.skipif(not (REAL / "tokenizer.json").is_file(), reason="reference MiniMind tokenizer absent")
+from minimind.tokenizer import BUNDLED_TOKENIZER, load_tokenizer
+from tests.reference_files import reference_folder
+from tests.train_helpers import minimind2_loss_mask
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}],
@@ -28,8 +27,28 @@ def bundled():
 
 
 @pytest.fixture(scope="module")
-def real():
-    return load_tokenizer(REAL)
+def real_dir():
+    """MiniMind2's own tokenizer folder (../shared/reference/; required under CI=true)."""
+    return reference_folder("minimind-tokenizer")
+
+
+@pytest.fixture(scope="module")
+def real(real_dir):
+    return load_tokenizer(real_dir)
+
+
+def test_a_missing_reference_folder_fails_under_ci(monkeypatch, tmp_path):
+    """From a clone without ../shared/reference/ the tests that need it skip; CI has it, so there they fail."""
+    from tests import reference_files
+    monkeypatch.setattr(reference_files, "reference_roots", lambda: [tmp_path])
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="minimind-tokenizer not found"):
+        reference_folder("minimind-tokenizer")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="minimind-tokenizer not found"):
+        reference_folder("minimind-tokenizer")
+    (tmp_path / "minimind-tokenizer").mkdir()
+    assert reference_folder("minimind-tokenizer") == tmp_path / "minimind-tokenizer"
 
 
 def test_bundled_tokenizer(bundled):
@@ -49,10 +68,9 @@ def render_with_jinja(messages, template):
     return jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=False)
 
 
-@needs_real
 @pytest.mark.parametrize("conv", CONVERSATIONS, ids=["plain", "system", "multi-turn", "ends-with-user"])
-def test_chat_template_matches_minimind_jinja(real, conv):
-    template = json.loads((REAL / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+def test_chat_template_matches_minimind_jinja(real, real_dir, conv):
+    template = json.loads((real_dir / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
     assert template == CHAT_TEMPLATE
     text = render_with_jinja(conv, template)
     assert real.apply_chat_template(conv) == text
@@ -61,37 +79,15 @@ def test_chat_template_matches_minimind_jinja(real, conv):
     assert len(mask) == len(ids)
 
 
-@needs_real
-def test_chat_ids_match_transformers(real):
+def test_chat_ids_match_transformers(real, real_dir):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(REAL))
+    hf = transformers.AutoTokenizer.from_pretrained(str(real_dir))
     for conv in CONVERSATIONS:
         want = hf.apply_chat_template(conv, tokenize=True)
         want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
         assert real.encode_chat(conv)[0] == list(want)
 
 
-def minimind2_loss_mask(ids, tok):
-    """MiniMind2's own rule, written independently: after each "<|im_start|>assistant" token run, skip one token
-    (the newline), then mark through the next "<|im_end|>" and one more token (its newline)."""
-    bos = tok.encode("<|im_start|>assistant")
-    eos = tok.encode("<|im_end|>")
-    mask, i = [0] * len(ids), 0
-    while i < len(ids):
-        if ids[i:i + len(bos)] == bos:
-            start = i + len(bos)
-            end = start
-            while end < len(ids) and ids[end:end + len(eos)] != eos:
-                end += 1
-            for j in range(start + 1, min(end + len(eos) + 1, len(ids))):
-                mask[j] = 1
-            i = end + len(eos) if end < len(ids) else len(ids)
-        else:
-            i += 1
-    return mask
-
-
-@needs_real
 def test_loss_mask_is_minimind2s(real):
     for conv in CONVERSATIONS[:2] + CONVERSATIONS[3:]:
         ids, mask = real.encode_chat(conv)
@@ -99,10 +95,8 @@ def test_loss_mask_is_minimind2s(real):
 
 
 @pytest.mark.parametrize("which", ["bundled", "real"])
-def test_mask_covers_assistant_content_and_im_end_newline(which, bundled):
-    if which == "real" and not (REAL / "tokenizer.json").is_file():
-        pytest.skip("reference MiniMind tokenizer absent")
-    tok = bundled if which == "bundled" else load_tokenizer(REAL)
+def test_mask_covers_assistant_content_and_im_end_newline(which, bundled, request):
+    tok = bundled if which == "bundled" else request.getfixturevalue("real")
     conv = CONVERSATIONS[2]
     ids, mask = tok.encode_chat(conv)
     spans, cur = [], []

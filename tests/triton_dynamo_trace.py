@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import kernels.linear_cross_entropy  # noqa: E402,F401  (compiled-mode kernels: imported before the env is set)
 import kernels.moe  # noqa: E402,F401
+import kernels.qk_norm_rope  # noqa: E402,F401
 import kernels.rms_norm  # noqa: E402,F401
 import kernels.rope  # noqa: E402,F401
 import kernels.swiglu  # noqa: E402,F401
@@ -107,12 +108,18 @@ def trace(fn, calls):
 
 
 def _block_cases():
+    """MiniMind2's dense and MoE blocks (first and later layer), and minimind-3's (q/k norm fused into RoPE, 8 q /
+    4 kv heads of 24, top-1 MoE without a shared expert; a later layer)."""
     H = 64
-    for moe in (False, True):
-        cfg = MiniMindConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             vocab_size=97, use_moe=moe)
+    kinds = {"dense": (MiniMindConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97), (0, 1))}
+    kinds["moe"] = (MiniMindConfig(**{**kinds["dense"][0].to_dict(), "use_moe": True}), (0, 1))
+    for name, moe in (("minimind3", False), ("minimind3-moe", True)):
+        kinds[name] = (MiniMindConfig.from_preset("minimind3", hidden_size=H, num_hidden_layers=2, head_dim=24,
+                                                  vocab_size=97, use_moe=moe), (1,))
+    for kind, (cfg, layers) in kinds.items():
         model = MiniMindForCausalLM(cfg, kernels="triton")
-        for layer in (0, 1):
+        for layer in layers:
             for grad in (True, False):
                 def calls(grad=grad, layer=layer, model=model):
                     out = []
@@ -121,7 +128,7 @@ def _block_cases():
                         delta = None if layer == 0 else torch.randn(B, T, H, requires_grad=grad)
                         out.append((grad, (h, delta, model.model.rope_cos[:T], model.model.rope_sin[:T])))
                     return out
-                name = f"block[{'moe' if moe else 'dense'},layer {layer},{'train' if grad else 'no grad'}]"
+                name = f"block[{kind},layer {layer},{'train' if grad else 'no grad'}]"
                 yield name, model.model.layers[layer], calls
 
 
@@ -145,12 +152,17 @@ def _op_cases():
     def rope(q, k, cos, sin):
         return ops.rope(q, k, cos, sin, 0)
 
+    def qk_norm_rope(q, k, q_weight, k_weight, cos, sin):
+        return ops.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, 0, 1e-6)
+
     cos, sin = (t.float() for t in (torch.randn(128, 16), torch.randn(128, 16)))
     tokens = [B * T for B, T in LENGTHS]
     w, wg, wu, wd = rows(V, H), rows(E, I, H), rows(E, I, H), rows(E, H, I)
     yield "rms_norm", ops.rms_norm, [(True, (rows(n, H), torch.ones(H, requires_grad=True), 1e-5)) for n in tokens]
     yield "swiglu", ops.swiglu, [(True, (rows(n, I), rows(n, I))) for n in tokens]
     yield "rope", rope, [(True, (rows(2, T, 4, 16), rows(2, T, 2, 16), cos[:T], sin[:T])) for _, T in LENGTHS]
+    yield "qk_norm_rope", qk_norm_rope, [(True, (rows(2, T, 4, 16), rows(2, T, 2, 16), rows(16), rows(16), cos[:T],
+                                                 sin[:T])) for _, T in LENGTHS]
     yield "linear_cross_entropy", lce, [(True, (rows(n, H), w, torch.randint(0, V, (n,)))) for n in tokens]
     yield "linear_logprobs", logprobs, [(True, (rows(n, H), w, torch.randint(0, V, (n,)))) for n in tokens]
     yield "moe_experts", moe, [(True, (rows(n, H), torch.randint(0, E, (n, K)), rows(n, K).softmax(-1), wg, wu, wd))

@@ -64,10 +64,12 @@ def build_parser():
     p.add_argument("--data_dir", default=None, help="where the demo data is written (default OUT_DIR/demo_data)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per stage (a plumbing check)")
     p.add_argument("--steps", type=int, default=0, help="cap every stage at this many optimizer steps")
-    p.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"))
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=sorted(engine.DTYPES))
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
+                   help="op backend (default triton on CUDA, torch on CPU)")
+    p.add_argument("--device", default=None, help="default cuda when there is one, else cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(engine.DTYPES),
+                   help="autocast compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default half the cores: on a busy CPU more threads than free cores makes "
                         "PyTorch's spinning workers 10-25x slower, not faster)")
@@ -116,6 +118,15 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_
     return scores
 
 
+def training_curves(metrics_logs, out) -> str:
+    """Draw the stages' loss, lr and tokens/s (train.plot) to `out`; a line saying where, or why not."""
+    from train.plot import plot_runs
+    try:
+        return f"training curves (loss, lr, tokens/s; python -m train.plot): {plot_runs(metrics_logs, out)}"
+    except RuntimeError as e:  # matplotlib is an optional extra
+        return f"no picture of the training curves: {e}"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from minimind.config import MiniMindConfig
@@ -141,7 +152,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
-    rows = []
+    rows, metrics_logs = [], []
     if not args.no_eval:
         torch.manual_seed(args.seed)
         cfg = MiniMindConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -158,8 +169,7 @@ def main(argv=None):
             if argv is None:
                 sys.exit(engine.STOPPED_EXIT_STATUS)
             return rows
-        print(f"{name}: {result['steps']} steps, {result['seconds']:.1f}s, {result['tokens_per_s']:.0f} tokens/s, "
-              f"final loss {result['final_loss']:.4f} -> {result['weights_path']}")
+        metrics_logs.append(result["metrics_path"])
         if not args.no_eval:
             scores = report(f"after {name}", result["model"], tokenizer, data_dir, device, reason_mode=name == "reason",
                             answer_style="text" if name == "pretrain" else "chat")
@@ -177,6 +187,7 @@ def main(argv=None):
         print("(quiz: 4 candidates ranked by likelihood, chance 25%; generated: greedy reply is the canonical answer "
               "or its value; (text): a plain-text prompt, the base model knows no chat template)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; checkpoints in {out_dir}/")
+    print(training_curves(metrics_logs, out_dir / "demo_metrics.png"))
     flag = "" if str(out_dir) == "out" else f" --out_dir {out_dir}"
     print(f"talk to the models: python -m minimind.chat rlhf{flag}   |   python -m minimind.chat reason{flag}   |   "
           f"python -m minimind.serve rlhf{flag}   (web chat at http://127.0.0.1:8998/)")

@@ -33,11 +33,14 @@ def add_args(parser):
     g.add_argument("--teacher_weight", default="full_sft", help="none | stage prefix | path of the teacher's weights")
     g.add_argument("--teacher_preset", default=None, choices=sorted(PRESETS),
                    help="teacher shape (default: base, MiniMind2's 104M, unless sizes are given or read off a file)")
-    g.add_argument("--teacher_hidden_size", type=int, default=None)
-    g.add_argument("--teacher_num_hidden_layers", type=int, default=None)
-    g.add_argument("--teacher_use_moe", type=int, choices=(0, 1), default=None)
-    g.add_argument("--teacher_num_attention_heads", type=int, default=None)
-    g.add_argument("--teacher_num_key_value_heads", type=int, default=None)
+    g.add_argument("--teacher_hidden_size", type=int, default=None, help="teacher shape: overrides the preset's")
+    g.add_argument("--teacher_num_hidden_layers", type=int, default=None, help="teacher shape: overrides the preset's")
+    g.add_argument("--teacher_use_moe", type=int, choices=(0, 1), default=None,
+                   help="teacher shape: overrides the preset's")
+    g.add_argument("--teacher_num_attention_heads", type=int, default=None,
+                   help="teacher shape: overrides the preset's")
+    g.add_argument("--teacher_num_key_value_heads", type=int, default=None,
+                   help="teacher shape: overrides the preset's")
     g.add_argument("--distill_chunk", type=int, default=2048, help="tokens per chunk of the chunked loss")
 
 
@@ -89,7 +92,7 @@ def prepare(model, run):
 def distill_loss(model, batch, run):
     args, teacher = run.args, run.extras["teacher"]
     ids = batch["input_ids"]  # right-padded rows: causal attention needs no mask (see train.pretrain.lm_loss)
-    hidden, _, aux = model.model(ids)
+    hidden, aux = model.model(ids)
     with torch.no_grad():
         teacher_hidden = teacher.model(ids)[0]
     loss, ce, kl = chunked_distill_loss(hidden, model.lm_head.weight, teacher_hidden, teacher.lm_head.weight,

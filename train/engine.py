@@ -2,7 +2,8 @@
 
 A stage is a recipe (`Stage`): which data, which loss, which weights to start from and which to write. The engine
 does the rest, once: flags, precision, gradient accumulation, clipping, AdamW, the learning-rate schedule, DDP or
-DeepSpeed, torch.compile, the progress bar and metrics, checkpoints, resume, and a clean stop on SIGINT/SIGTERM.
+DeepSpeed, torch.compile, checkpoints, resume, a clean stop on SIGINT/SIGTERM, and what a run reports (its data, the
+progress bar, the metrics log, where the weights went: train/metrics.py).
 
 One optimizer step, with A = --accumulation_steps micro-batches per process and W processes:
 
@@ -39,7 +40,9 @@ counting only useful (non-pad) tokens, so padding shows up as lost MFU.
 do not change) of the trained model, after the stage's prepare (LoRA adapters are inside the blocks by then), and
 of every frozen model (run.add_frozen). Whatever a stage calls (forward, token_logprobs, model.model), the blocks
 run compiled; the embedding, the final norm and the loss head stay eager (on the triton backend the head is one
-fused kernel anyway). Not with DeepSpeed.
+fused kernel anyway). Not with DeepSpeed. --compile_mode (implies --compile) picks torch.compile's mode:
+reduce-overhead records each block's kernels as CUDA graphs and replays them (a step begins a new graph
+generation), which removes most per-kernel launch cost where shapes are static (packed rows); untested on a GPU.
 """
 import argparse
 import contextlib
@@ -57,11 +60,13 @@ import torch
 import torch.nn as nn
 
 from kernels import get_backend
-from minimind.config import PRESETS, MiniMindConfig
+from minimind.config import AUX_LOSS_SCOPES, PRESETS, MiniMindConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.weights import config_path, model_card
 from train import distributed
 from train.checkpoint import atomic_save, atomic_write_text, fp16_state_dict, rng_state, set_rng_state
+from train.metrics import (MetricsLog, bar_text, data_summary, finish_summary, jsonable_flags, log_step,
+                           progress_bar, schedule_summary)
 
 
 class ConfigError(ValueError):
@@ -93,6 +98,9 @@ class Stage:
 
 # --------------------------------------------------------------------------------------------------- flags
 
+CHAT_KINDS = ("sft", "reason")  # data kinds with MiniMind's SFT augmentations (minimind.data.augment)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -119,17 +127,22 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m train.{stage.name}", description=f"MiniMind {stage.name} stage",
                                 epilog=GPU_RECIPE, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("MiniMind2 flags")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch_size", type=int, default=32, help="micro-batch size per process")
-    g.add_argument("--learning_rate", type=float, default=5e-4)
-    g.add_argument("--accumulation_steps", type=int, default=1)
+    g.add_argument("--epochs", type=int, default=1, help="passes over the data (default %(default)s)")
+    g.add_argument("--batch_size", type=int, default=32, help="micro-batch size per process (default %(default)s)")
+    g.add_argument("--learning_rate", type=float, default=5e-4,
+                   help="LR of MiniMind2's cosine schedule, lr/10 + lr/2 * (1 + cos(pi * step / steps)): it starts at "
+                        "1.1x this value and ends at a tenth of it (default %(default)s)")
+    g.add_argument("--accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step, their gradients averaged (default %(default)s)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0 = off)")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps")
-    g.add_argument("--log_interval", type=int, default=100)
+    g.add_argument("--log_interval", type=int, default=100,
+                   help="log loss, lr, tokens/s and MFU every N optimizer steps (default %(default)s)")
     g.add_argument("--save_interval", type=int, default=100, help="save weights + resume state every N steps")
     g.add_argument("--hidden_size", type=int, default=None, help="default 512 (or the --preset's)")
     g.add_argument("--num_hidden_layers", type=int, default=None, help="default 8 (or the --preset's)")
-    g.add_argument("--max_seq_len", type=int, default=512)
+    g.add_argument("--max_seq_len", type=int, default=512,
+                   help="tokens per row: longer records are truncated (default %(default)s)")
     g.add_argument("--use_moe", type=_flag_bool, default=None, help="0 or 1 (default 0, or the --preset's)")
     g.add_argument("--data_path", default=None, help="JSON Lines training data")
     g.add_argument("--from_weight", default="none",
@@ -137,41 +150,77 @@ def build_parser(stage: Stage) -> argparse.ArgumentParser:
     g.add_argument("--save_weight", default=stage.save_prefix, help="prefix of the weight file this run writes")
     g.add_argument("--from_resume", default="0",
                    help="0 | 1 (continue from OUT_DIR's resume checkpoint if there is one) | a resume file path")
-    g.add_argument("--use_wandb", action="store_true")
-    g.add_argument("--wandb_project", default=f"MiniMind-{stage.name}")
+    g.add_argument("--use_wandb", action="store_true",
+                   help="also log to wandb (offline unless WANDB_API_KEY is set; pip install -e '.[wandb]')")
+    g.add_argument("--wandb_project", default=f"MiniMind-{stage.name}", help="wandb project (default %(default)s)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="autocast compute dtype (default bf16 on CUDA, fp32 on CPU); GradScaler only for fp16")
     g.add_argument("--device", default=None, help="default cuda (cuda:LOCAL_RANK under torchrun) or cpu")
-    g.add_argument("--out_dir", default="out")
+    g.add_argument("--out_dir", default="out",
+                   help="where weights, their .json cards, resume state and the metrics log go (default %(default)s)")
     o = p.add_argument_group("ours")
-    o.add_argument("--preset", default=None, choices=sorted(PRESETS), help="small | base | moe")
-    o.add_argument("--num_attention_heads", type=int, default=None)
-    o.add_argument("--num_key_value_heads", type=int, default=None)
+    o.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="MiniMind2: small | base | moe; minimind-3: minimind3 | minimind3-moe "
+                        "(python -m minimind.model lists them)")
+    o.add_argument("--num_attention_heads", type=int, default=None, help="query heads (default 8, or the --preset's)")
+    o.add_argument("--num_key_value_heads", type=int, default=None,
+                   help="key/value heads of grouped-query attention (default 2, or the --preset's)")
+    o.add_argument("--head_dim", type=int, default=None, help="default hidden_size / num_attention_heads")
+    o.add_argument("--qk_norm", type=_flag_bool, default=None, help="0 or 1: RMSNorm of q and k before RoPE "
+                   "(minimind-3; default the --preset's, else 0)")
+    o.add_argument("--intermediate_size", type=int, default=None, help="MLP (and expert) width; default the "
+                   "preset's rule: MiniMind2 64*ceil(int(8*hidden/3)/64), minimind-3 64*ceil(hidden*pi/64)")
+    o.add_argument("--rms_norm_eps", type=float, default=None, help="default 1e-5 (minimind-3: 1e-6)")
+    o.add_argument("--n_routed_experts", type=int, default=None, help="MoE: routed experts (default 4)")
+    o.add_argument("--n_shared_experts", type=int, default=None, help="MoE: shared experts (MiniMind2 1, minimind-3 0)")
+    o.add_argument("--num_experts_per_tok", type=int, default=None, help="MoE top-k (MiniMind2 2, minimind-3 1)")
+    o.add_argument("--aux_loss_alpha", type=float, default=None,
+                   help="MoE load-balancing loss weight (MiniMind2 0.1, minimind-3 5e-4)")
+    o.add_argument("--aux_loss_scope", default=None, choices=AUX_LOSS_SCOPES,
+                   help="MoE aux loss per sequence (MiniMind2) or over the batch (minimind-3)")
     o.add_argument("--kernels", default=None, choices=("torch", "triton", "liger"),
                    help="op backend (default triton on CUDA, torch on CPU)")
-    o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"))
+    o.add_argument("--attn", default="sdpa", choices=("sdpa", "flash"),
+                   help="attention: torch's scaled_dot_product_attention, or flash-attn when installed")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile every decoder block of the trained and the frozen models")
+    o.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled blocks (implies --compile). reduce-overhead replays "
+                        "each block's kernels as a CUDA graph instead of launching them one by one: for static "
+                        "shapes (packed pretraining rows; every new batch length records another graph). "
+                        "Untested on a GPU so far")
     o.add_argument("--deepspeed", default=None, metavar="CONFIG", help="DeepSpeed JSON (train/configs/ds_zero2.json)")
-    o.add_argument("--seed", type=int, default=42)
+    o.add_argument("--seed", type=int, default=42, help="seeds the initial weights and the data order")
     o.add_argument("--skip_bad_records", action="store_true", help="skip malformed JSONL lines instead of failing")
     o.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
-    o.add_argument("--weight_decay", type=float, default=0.01)
+    o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (default %(default)s)")
     o.add_argument("--max_steps", type=int, default=0, help="cap the optimizer steps (0 = all epochs)")
     o.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: looked up)")
     o.add_argument("--stop_after", type=int, default=0,
                    help="(testing) stop as on SIGINT after N optimizer steps of this run: save the resume state, "
                         "exit 130 (under torchrun: a failed worker, exit 1)")
+    if stage.data_kind in CHAT_KINDS:
+        o.add_argument("--add_system_ratio", type=float, default=None,
+                       help="probability of giving a conversation without system message or tools one of MiniMind's "
+                            "10 system prompts (default: 0.2 for a minimind-3 tokenizer, 0 for MiniMind2's)")
+        o.add_argument("--drop_empty_think_ratio", type=float, default=None,
+                       help="probability of removing a conversation's empty <think></think> blocks (default: 0.8 "
+                            "for a minimind-3 tokenizer, 0 for MiniMind2's)")
     if stage.add_args:
         stage.add_args(p)
     p.set_defaults(**stage.defaults)
     return p
 
 
+MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "qk_norm", "intermediate_size", "rms_norm_eps", "n_routed_experts", "n_shared_experts",
+               "num_experts_per_tok", "aux_loss_alpha", "aux_loss_scope")
+
+
 def config_from_args(args, vocab_size: int) -> MiniMindConfig:
     """--preset first, then any explicit model flag on top of it."""
     base = dict(PRESETS[args.preset]) if args.preset else {}
-    for name in ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads"):
+    for name in MODEL_FLAGS:
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     try:
@@ -203,11 +252,12 @@ def resolve_weights(name_or_path: str, out_dir, config: MiniMindConfig, flag="--
 
 
 def _shape_of_state(sd):
-    """(vocab, hidden, layers, moe) read off a MiniMind2 state dict."""
+    """(vocab, hidden, layers, moe, q/k norm) read off a MiniMind state dict."""
     emb = sd.get("model.embed_tokens.weight", sd.get("lm_head.weight"))
     layers = {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")}
     moe = any(".mlp.experts." in k or ".mlp.w_gate" in k for k in sd)
-    return (None if emb is None else tuple(emb.shape)), len(layers), moe
+    qk_norm = any(".self_attn.q_norm." in k for k in sd)
+    return (None if emb is None else tuple(emb.shape)), len(layers), moe, qk_norm
 
 
 def load_weights(model: nn.Module, source, name: str = "weights"):
@@ -225,7 +275,7 @@ def load_weights(model: nn.Module, source, name: str = "weights"):
             sd = sd["model"]  # a resume checkpoint
     cfg = getattr(model, "config", None)
     if cfg is not None and isinstance(model, MiniMindForCausalLM):
-        emb, layers, moe = _shape_of_state(sd)
+        emb, layers, moe, qk_norm = _shape_of_state(sd)
         problems = []
         if emb is not None and emb[1] != cfg.hidden_size:
             problems.append(f"hidden_size {emb[1]} (model has --hidden_size {cfg.hidden_size})")
@@ -235,6 +285,9 @@ def load_weights(model: nn.Module, source, name: str = "weights"):
             problems.append(f"{layers} layers (model has --num_hidden_layers {cfg.num_hidden_layers})")
         if moe != cfg.use_moe:
             problems.append(f"use_moe {int(moe)} (model has --use_moe {int(cfg.use_moe)})")
+        if qk_norm != cfg.qk_norm:
+            problems.append(f"qk_norm {int(qk_norm)}, {'minimind-3' if qk_norm else 'MiniMind2'}'s q/k path "
+                            f"(model has --qk_norm {int(cfg.qk_norm)}; --preset minimind3 / minimind3-moe have it)")
         if problems:
             raise ConfigError(f"{name} does not fit the model: it has " + ", ".join(problems))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
@@ -273,7 +326,7 @@ class Run:
         gradients, blocks compiled under --compile, counted in MFU as one forward per token; run.extras[name]."""
         model.eval().requires_grad_(False)
         if self.args.compile:
-            compile_blocks(model)
+            compile_blocks(model, **compile_options(self.args))
         self.extras[name] = model
         return model
 
@@ -387,6 +440,12 @@ def compile_blocks(model, **compile_kwargs):
     return model
 
 
+def compile_options(args) -> dict:
+    """torch.compile keyword arguments of the flags: the --compile_mode, when one was given."""
+    mode = getattr(args, "compile_mode", None)
+    return {"mode": mode} if mode else {}
+
+
 def default_tokens(batch) -> int:
     masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
     if masks:
@@ -399,58 +458,6 @@ def _seq_len(batch) -> int:
         if k.endswith("input_ids"):
             return v.shape[-1]
     return next(iter(batch.values())).shape[-1]
-
-
-class MetricsLog:
-    """{out_dir}/{stage}_metrics.jsonl, one JSON record per logged step, and optionally wandb.
-
-    A fresh run (resume_step None) starts an empty log. A resumed run continues it from its checkpoint's step: the
-    records of later steps are dropped first, since a run killed after its last checkpoint had logged steps that the
-    resumed run does again (and a kill mid-write may have left a torn last line). So every step appears once."""
-
-    def __init__(self, path, args, stage_name, enabled, resume_step=None):
-        self.path, self.enabled, self.wandb = Path(path), enabled, None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            self._keep_until(resume_step)
-        if args.use_wandb:
-            import wandb  # lazy: only with --use_wandb
-            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self.wandb = wandb.init(project=args.wandb_project, name=f"{stage_name}-{args.save_weight}",
-                                    config={k: v for k, v in vars(args).items() if _jsonable(v)}, mode=mode,
-                                    dir=str(self.path.parent))
-
-    def _keep_until(self, step):
-        """Rewrite the log (atomically) with only its whole records of steps <= step."""
-        kept = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line + "\n")
-        atomic_write_text("".join(kept), self.path)
-
-    def write(self, record):
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _jsonable(v):
-    return v is None or isinstance(v, (bool, int, float, str))
 
 
 def _to_device(batch, device):
@@ -501,40 +508,12 @@ def grad_scaler(device):
         return torch.cuda.amp.GradScaler()
 
 
-def _progress_bar(total, initial, name, is_main):
-    if not is_main:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
-
-
-def _fmt_mfu(mfu):
-    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
-
-
-def _log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W, dist, t_origin):
-    """Average loss and metrics over the step's micro-batches and the processes; throughput since the last log;
-    elapsed_s = seconds of training since t_origin (which a resumed run moves back by its earlier runs' time)."""
-    names = sorted(metric_sums)
-    values = [loss.float().reshape(())] + [torch.as_tensor(metric_sums[k], dtype=torch.float32,
-                                                           device=loss.device).reshape(()) / A for k in names]
-    means = distributed.all_reduce_mean(torch.stack(values), dist).tolist()
-    counts = torch.tensor([window["tokens"], window["flops"]], dtype=torch.float64, device=loss.device)
-    tokens, flops = (distributed.all_reduce_mean(counts, dist) * W).tolist()
-    now = time.perf_counter()
-    dt = max(now - window["t"], 1e-9)
-    window.update(t=now, tokens=0, flops=0.0)
-    record = dict(step=step, epoch=epoch, loss=means[0], lr=lr, tokens_per_s=tokens / dt,
-                  mfu=(flops / dt / (peak * W)) if peak else None,
-                  grad_norm=None if grad_norm is None else float(grad_norm), elapsed_s=now - t_origin)
-    record.update(zip(names, means[1:]))
-    return means[0], record
-
-
 # --------------------------------------------------------------------------------------------------- main
 
 def _check_args(args, stage):
     """Everything that can be checked from the flags alone, before any model or data is built."""
+    if args.compile_mode:
+        args.compile = True
     for name in ("epochs", "batch_size", "accumulation_steps", "max_seq_len", "log_interval", "save_interval"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -581,6 +560,10 @@ def _check_args(args, stage):
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("--use_wandb needs wandb: pip install -e '.[wandb]'") from None
+    for name in ("add_system_ratio", "drop_empty_think_ratio"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1], got {value}")
     if args.from_resume not in ("0", "1") and not Path(args.from_resume).exists():
         raise ConfigError(f"--from_resume {args.from_resume}: no such file")
     return device
@@ -592,8 +575,8 @@ STOPPED_EXIT_STATUS = 130
 
 
 def main(stage: Stage, argv=None) -> dict:
-    """Parse the flags (argv=None: the command line) and train. On the command line a ConfigError prints as a
-    usage error (exit 2) and a stopped run exits with STOPPED_EXIT_STATUS; called with an argv list, the error is
+    """Parse the flags (argv=None: the command line) and train. On the command line a ConfigError or DataError prints
+    as one line (exit 2) and a stopped run exits with STOPPED_EXIT_STATUS; called with an argv list, the error is
     raised and the result (its "interrupted" set) returned."""
     parser = build_parser(stage)
     args = parser.parse_args(argv)
@@ -603,7 +586,8 @@ def main(stage: Stage, argv=None) -> dict:
     except (ConfigError, DataError) as e:
         if argv is not None:
             raise
-        parser.error(str(e))
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)  # no usage block: it has dozens of flags (see --help)
+        sys.exit(2)
     if argv is None and result["interrupted"]:
         sys.exit(STOPPED_EXIT_STATUS)
     return result
@@ -700,7 +684,7 @@ def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, 
 
 
 def _train(stage, args, device, dist):
-    from minimind.data import build_loader
+    from minimind.data import build_loader, default_ratios
     from minimind.tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
@@ -719,13 +703,23 @@ def _train(stage, args, device, dist):
     resume_path = weights_path.with_name(weights_path.stem + ("_resume_ds" if args.deepspeed else "_resume.pt"))
     resume_from = _resume_source(args, resume_path)
 
+    augment = {}
+    if stage.data_kind in CHAT_KINDS:  # MiniMind's defaults for the tokenizer's chat format where not given
+        names = ("add_system_ratio", "drop_empty_think_ratio")
+        for name, default in zip(names, default_ratios(tokenizer.chat_format)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+            augment[name] = getattr(args, name)
     loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
                           batch_size=args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size,
-                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records)
+                          pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records,
+                          **augment)
     steps_per_epoch = _min_over_processes(len(loader) // args.accumulation_steps, dist, device)
     if steps_per_epoch < 1:
         raise ConfigError(f"--data_path {args.data_path} gives {len(loader)} batches of {args.batch_size} per "
                           f"process per epoch, fewer than --accumulation_steps {args.accumulation_steps}")
+    if run.is_main:
+        run.log(data_summary(args.data_path, loader.stats(), dist.world_size))
 
     model = MiniMindForCausalLM(config, kernels=args.kernels, attn=args.attn)
     if start_weights is not None:
@@ -755,7 +749,8 @@ def _train(stage, args, device, dist):
             scaler.load_state_dict(state["scaler"])
 
     if args.compile:
-        compile_blocks(model)  # after prepare, so LoRA adapters are in the blocks (run.add_frozen did the others)
+        compile_blocks(model, **compile_options(args))  # after prepare: LoRA adapters are in the blocks by then
+    cuda_graphs = args.compile_mode == "reduce-overhead"
     step_module = StageStep(model, stage.loss, run)
     ds_engine = ddp = None
     if args.deepspeed:
@@ -810,7 +805,7 @@ def _train(stage, args, device, dist):
                             epoch_batches=epoch_batches, tokens=tokens_total, loader=loader.state_dict(),
                             elapsed_s=seconds_before + time.perf_counter() - t_start,
                             rng=rng_state(), config=config.to_dict(), world_size=W, finished=final,
-                            args={k: v for k, v in vars(args).items() if _jsonable(v)})
+                            args=jsonable_flags(args))
         if ds_engine is not None:
             from train import deepspeed_setup
             deepspeed_setup.save_resume(ds_engine, resume_path, resume_state, dist)
@@ -820,7 +815,8 @@ def _train(stage, args, device, dist):
             atomic_save(resume_state, resume_path)
 
     stop = _StopRequest().install()
-    bar = _progress_bar(total_steps, step, stage.name, dist.is_main)
+    run.log(schedule_summary(args.learning_rate, args.warmup_iters, total_steps))
+    bar = progress_bar(total_steps, step, stage.name, dist.is_main)
     run._bar = bar
     losses, run_steps, t_start, interrupted = [], 0, time.perf_counter(), False
     loss_val = float("nan")
@@ -841,6 +837,8 @@ def _train(stage, args, device, dist):
                     window["flops"] += n_tok * flops_fn(_seq_len(batch))
                     tokens_total += n_tok * W
                     micro_batches.append(_to_device(batch, device))
+                if cuda_graphs:  # a new iteration: the graphs may overwrite the previous step's outputs
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss_mean, metric_sums, grad_norm = train_step(wrapped, micro_batches, optimizer, trainable, lr,
                                                                grad_clip=args.grad_clip, scaler=scaler, ddp=ddp,
                                                                ds_engine=ds_engine)
@@ -850,13 +848,12 @@ def _train(stage, args, device, dist):
                 stopping = distributed.any_process(
                     stop.requested or (args.stop_after and run_steps >= args.stop_after), dist, device)
                 if step % args.log_interval == 0 or step == total_steps or stopping:
-                    loss_val, record = _log_step(step, epoch, lr, loss_mean, metric_sums, A, grad_norm, window,
-                                                 peak, W, dist, t_start - seconds_before)
+                    loss_val, record = log_step(step, epoch, lr, loss_mean, metric_sums, A, grad_norm, window,
+                                                peak, W, dist, t_start - seconds_before)
                     losses.append([step, loss_val])
                     metrics_log.write(record)
                     if bar is not None:
-                        bar.set_postfix_str(f"loss {loss_val:.4f} lr {lr:.2e} tok/s {record['tokens_per_s']:.0f} "
-                                            f"mfu {_fmt_mfu(record['mfu'])}")
+                        bar.set_postfix_str(bar_text(record))
                 if bar is not None:
                     bar.update(1)
                 if stopping:
@@ -882,8 +879,11 @@ def _train(stage, args, device, dist):
     seconds = time.perf_counter() - t_start
     if interrupted:
         run.log(f"stopped at step {step}; resume with --from_resume 1 (state in {resume_path})")
-    return dict(stage=stage.name, weights_path=str(weights_path), resume_path=str(resume_path),
-                metrics_path=str(metrics_log.path), steps=step, total_steps=total_steps, final_loss=loss_val,
-                losses=losses, tokens=tokens_total, seconds=seconds, flops_per_token=flops_fn(args.max_seq_len),
-                tokens_per_s=(tokens_total - tokens_before) / seconds if seconds > 0 else 0.0,  # this run's
-                interrupted=interrupted, model=model)
+    result = dict(stage=stage.name, weights_path=str(weights_path), resume_path=str(resume_path),
+                  metrics_path=str(metrics_log.path), steps=step, total_steps=total_steps, final_loss=loss_val,
+                  losses=losses, tokens=tokens_total, seconds=seconds, flops_per_token=flops_fn(args.max_seq_len),
+                  tokens_per_s=(tokens_total - tokens_before) / seconds if seconds > 0 else 0.0,  # this run's
+                  interrupted=interrupted, model=model)
+    if not interrupted:
+        run.log(finish_summary(result))
+    return result

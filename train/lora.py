@@ -22,7 +22,7 @@ from train.sft import assistant_loss
 def add_args(parser):
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_name", default="lora_identity", help="adapter file: OUT_DIR/lora/{lora_name}_{hidden}.pth")
-    g.add_argument("--lora_rank", type=int, default=8)
+    g.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter A (r x in), B (out x r)")
     g.add_argument("--lora_alpha", type=float, default=None,
                    help="the adapter output is scaled by alpha / rank (default: alpha = rank, scale 1, as MiniMind2)")
     g.add_argument("--lora_targets", default="square",

@@ -6,9 +6,12 @@ A cache folder holds, for N sequences with L tokens in all:
     offsets.bin  int64  (N + 1,)  sequence i is tokens[offsets[i]:offsets[i + 1]]
     first_target.bin int64 (N,)   position of the first mask-1 token in each sequence (its length if none)
     meta.json                     source fingerprint, tokenizer hash, counts, skipped records
+    system_ok.bin, edit_index.bin, edits.bin, repl_tokens.bin, repl_mask.bin
+                                  (chat kinds) what the SFT augmentations need (minimind.data.augment)
 Pretrain sequences are stored wrapped, <|im_start|> text <|im_end|>. Chat (sft, reason) sequences are the rendered
-ChatML. DPO record j is stored as sequence 2j (chosen) and 2j + 1 (rejected). Sequences are stored whole; the
-loaders truncate to max_seq_len, so one cache serves every sequence length.
+conversations in the tokenizer's chat format (the records checked by that format's rules). DPO record j is stored as
+sequence 2j (chosen) and 2j + 1 (rejected). Sequences are stored whole; the loaders truncate to max_seq_len, so one
+cache serves every sequence length.
 
 The folder is `<file>.tokcache/<kind>-<tokenizer hash>/` beside the data (or under cache_dir). It is reused when the
 source's size, mtime and the hashes of its first and last MiB match, and rebuilt otherwise. Building streams the file
@@ -36,9 +39,11 @@ from typing import Optional
 
 import numpy as np
 
+from minimind.chat_template import render
+from minimind.data.augment import ChatExtras, chat_extras
 from minimind.data.jsonl import DataError, RecordError, iter_line_blocks, parse_record
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MAX_KEPT_ERRORS = 20
 FINGERPRINT_BYTES = 1 << 20  # hashed at each end of the source
 PARALLEL_MIN_BYTES = 8 << 20  # smaller files are tokenised in-process (starting workers costs more)
@@ -79,6 +84,7 @@ class TokenCache:
     offsets: np.ndarray  # int64 (N + 1,)
     first_target: Optional[np.ndarray]  # int64 (N,) or None
     meta: dict
+    extras: Optional[ChatExtras] = None  # chat kinds: what the SFT augmentations need
 
     @property
     def lengths(self) -> np.ndarray:
@@ -101,7 +107,12 @@ def _open(folder: Path) -> TokenCache:
     if meta["has_mask"]:
         mask = np.memmap(folder / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
     first = np.fromfile(folder / "first_target.bin", dtype=np.int64) if meta["has_mask"] else None
-    return TokenCache(folder, tokens, mask, offsets, first, meta)
+    extras = None
+    if meta["kind"] == "chat":
+        arrays = {name: np.fromfile(folder / f"{name}.bin", dtype=dt) for name, dt in ChatExtras.FILES}
+        arrays["edits"] = arrays["edits"].reshape(-1, 4)
+        extras = ChatExtras(**arrays)
+    return TokenCache(folder, tokens, mask, offsets, first, meta, extras)
 
 
 # ---- worker side: one block of lines -> arrays ----
@@ -121,11 +132,12 @@ def _init_worker(tokenizer):
 
 def encode_block(kind: str, first_line: int, lines):
     """Parse, validate and tokenise one block. Returns (tokens uint16, mask uint8 or None, lengths int64,
-    first_target int64 or None, records, errors [(line, message)]); bad records are left out and reported."""
-    tok, records, errors = _TOKENIZER, [], []
+    first_target int64 or None, records, errors [(line, message)], chat extras or None (augment.chat_extras));
+    bad records are left out and reported."""
+    tok, records, errors, extras = _TOKENIZER, [], [], None
     for i, line in enumerate(lines):
         try:
-            rec = parse_record(kind, line)
+            rec = parse_record(kind, line, tok.chat_format)
         except RecordError as e:
             errors.append((first_line + i, str(e)))
             continue
@@ -136,13 +148,16 @@ def encode_block(kind: str, first_line: int, lines):
         masks = first = None
     else:
         convs = [c for pair in records for c in pair] if kind == "dpo" else records
-        encoded = tok.encode_chat_batch(convs)
+        rendered = [render(tok.format, messages, tools) for messages, tools in convs]
+        encoded = tok.encode_rendered(rendered)
+        if kind != "dpo":
+            extras = chat_extras(tok, convs, rendered, encoded)
         seqs, masks = [ids for ids, _ in encoded], [m for _, m in encoded]
         first = np.asarray([int(m.argmax()) if m.any() else len(m) for m in masks], dtype=np.int64)
     lengths = np.asarray([len(s) for s in seqs], dtype=np.int64)
     tokens = np.concatenate(seqs).astype(np.uint16) if seqs else np.zeros(0, np.uint16)
     mask = None if masks is None else (np.concatenate(masks) if masks else np.zeros(0, np.uint8))
-    return tokens, mask, lengths, first, len(records), errors
+    return tokens, mask, lengths, first, len(records), errors, extras
 
 
 # ---- main side ----
@@ -168,15 +183,18 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     has_mask = kind != "pretrain"
+    has_extras = cache_kind(kind) == "chat"
     lengths, firsts, n_records, n_skipped, kept_errors = [], [], 0, 0, []
+    extra_files = {name: open(tmp / f"{name}.bin", "wb") for name, _ in ChatExtras.FILES} if has_extras else {}
+    edit_counts, n_repl = [np.zeros(1, np.int64)], 0
     pool = _pool(num_workers, tokenizer) if num_workers > 0 else None
     if pool is None:
         _set_tokenizer(tokenizer)
     try:
         with open(tmp / "tokens.bin", "wb") as ftok, open(tmp / "mask.bin", "wb") as fmask:
             def consume(result):
-                nonlocal n_records, n_skipped
-                tokens, mask, lens, first, nrec, errors = result
+                nonlocal n_records, n_skipped, n_repl
+                tokens, mask, lens, first, nrec, errors, extras = result
                 if errors and not skip_bad_records:
                     line, msg = errors[0]
                     raise DataError(f"{path}:{line}: {msg} (pass skip_bad_records=True / --skip_bad_records "
@@ -189,6 +207,14 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
                     fmask.write(mask.tobytes())
                     firsts.append(first)
                 lengths.append(lens)
+                if has_extras:
+                    system_ok, counts, edits, repl_tokens, repl_mask = extras
+                    edits = edits + np.asarray([0, 0, n_repl, n_repl])  # offsets into the whole file's arrays
+                    n_repl += len(repl_tokens)
+                    edit_counts.append(counts)
+                    for name, array in (("system_ok", system_ok), ("edits", edits), ("repl_tokens", repl_tokens),
+                                        ("repl_mask", repl_mask)):
+                        extra_files[name].write(array.tobytes())
 
             blocks = iter_line_blocks(path)
             if pool is None:
@@ -202,10 +228,14 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
                         consume(pending.popleft().get())
                 while pending:
                     consume(pending.popleft().get())
+        if has_extras:
+            extra_files["edit_index"].write(np.cumsum(np.concatenate(edit_counts)).tobytes())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        for f in extra_files.values():
+            f.close()
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -19,12 +19,18 @@ BUCKET_BATCHES batches, sorted by length inside each, cut into batches, and the 
 batch pads to its own longest row and little padding remains. pack=False pads every row to max_seq_len, in a plainly
 shuffled order (MiniMind2's behaviour, for comparison). Chat items whose truncated form has no assistant token (no
 loss) are left out and counted (no_target_sequences).
+
+sft / reason with an `augment` (minimind.data.augment.ChatAugmenter: a system prompt added, empty think blocks
+dropped): each row is its item's variant drawn from (seed, epoch, item), so batches stay exactly reproducible and
+resumable. Plans, bucketing and stats() use the stored lengths; a variant whose truncation would lose every target
+is replaced by the stored sequence.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from minimind.data.augment import ChatAugmenter
 from minimind.data.cache import TokenCache
 
 BUCKET_BATCHES = 64  # batches per mega-batch sorted by length
@@ -64,7 +70,8 @@ class Loader:
     """Iterates this rank's batches of the current epoch from the saved position. See the module docstring."""
 
     def __init__(self, kind: str, cache: TokenCache, *, max_seq_len: int, batch_size: int, seed: int = 42,
-                 rank: int = 0, world_size: int = 1, pack: bool = True, drop_last: bool = True):
+                 rank: int = 0, world_size: int = 1, pack: bool = True, drop_last: bool = True,
+                 augment: Optional[ChatAugmenter] = None):
         if max_seq_len < 2 or batch_size < 1:
             raise ValueError(f"max_seq_len must be >= 2 and batch_size >= 1, got {max_seq_len}, {batch_size}")
         if not 0 <= rank < world_size:
@@ -72,6 +79,11 @@ class Loader:
         self.kind, self.cache = kind, cache
         self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
         self.rank, self.world_size, self.pack, self.drop_last = rank, world_size, pack, drop_last
+        if augment is not None and not augment.active:
+            augment = None
+        if augment is not None and cache.extras is None:
+            raise ValueError(f"{kind} data cannot be augmented (only the chat kinds sft and reason)")
+        self.augment = augment
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = None, None
         self._setup()
@@ -130,14 +142,21 @@ class Loader:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
+    @property
+    def augment_ratios(self):
+        """(add_system_ratio, drop_empty_think_ratio), (0, 0) without augmentation."""
+        a = self.augment
+        return [0.0, 0.0] if a is None else [a.add_system_ratio, a.drop_empty_think_ratio]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
                 "max_seq_len": self.max_seq_len, "num_global_batches": self.num_global_batches,
-                "world_size": self.world_size, "kind": self.kind, "pack": self.pack}
+                "world_size": self.world_size, "kind": self.kind, "pack": self.pack,
+                "augment_ratios": self.augment_ratios}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at exactly the next global batch of the saved run (any world size)."""
-        for key in ("seed", "batch_size", "max_seq_len", "kind", "pack"):
+        for key in ("seed", "batch_size", "max_seq_len", "kind", "pack", "augment_ratios"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
                                  f"{getattr(self, key)!r}; the saved position would mean other batches")
@@ -216,8 +235,30 @@ class SequenceLoader(Loader):
         labels[row, col] = tokens if c.mask is None else np.where(c.mask[src] == 1, tokens, IGNORE)
         return ids, labels, attn
 
+    def _augmented_rows(self, batch):
+        """(tokens, mask) of each item's drawn variant (see the module docstring), truncated to max_seq_len."""
+        rows, L, a = [], self.max_seq_len, self.augment
+        for i in batch:
+            tokens, mask = self.cache.sequence(int(i))
+            system, drop = a.draw(self.seed, self.epoch, int(i))
+            t, m = a.apply(tokens, mask, self.cache.extras, int(i), system, drop)
+            if not m[:L].any():
+                t, m = tokens, mask
+            rows.append((np.asarray(t[:L], dtype=np.int64), np.asarray(m[:L])))
+        return rows
+
     def _collate(self, batch):
-        ids, labels, attn = self._fill(batch, self._row_len(batch))
+        if self.augment is None:
+            ids, labels, attn = self._fill(batch, self._row_len(batch))
+        else:
+            rows = self._augmented_rows(batch)
+            T = max(len(t) for t, _ in rows) if self.pack else self.max_seq_len
+            ids = np.zeros((len(rows), T), dtype=np.int64)
+            labels = np.full((len(rows), T), IGNORE, dtype=np.int64)
+            attn = np.zeros((len(rows), T), dtype=np.int64)
+            for r, (t, m) in enumerate(rows):
+                ids[r, :len(t)], attn[r, :len(t)] = t, 1
+                labels[r, :len(t)] = np.where(m == 1, t, IGNORE)
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "attention_mask": torch.from_numpy(attn)}
 

@@ -20,9 +20,8 @@ from typing import List, Optional
 
 import torch
 
-from minimind.demo.quiz import load_quiz
+from minimind.demo.quiz import chat_prompt, load_quiz
 from minimind.demo.world import QuizItem
-from minimind.tokenizer import render_chat
 
 STYLES = ("chat", "text")
 ANSWER_TOKENS = 24  # a canonical answer sentence is at most ~12 tokens
@@ -53,7 +52,7 @@ def is_right(answer: Optional[str], item: QuizItem) -> bool:
 def _prompt(item: QuizItem, tokenizer, style: str) -> List[int]:
     if style == "text":
         return [tokenizer.bos_id] + tokenizer.encode(item.text_prompt)
-    return tokenizer.encode(render_chat([{"role": "user", "content": item.question}])[0])
+    return tokenizer.encode(chat_prompt(tokenizer, item.question))
 
 
 @torch.no_grad()

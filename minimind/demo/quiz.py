@@ -18,7 +18,6 @@ from typing import List, Optional
 import torch
 
 from minimind.demo.world import NUM_CANDIDATES, QuizItem, World
-from minimind.tokenizer import render_chat
 
 STYLES = ("text", "chat")  # what style=None scores
 REASON_STYLE = "reason"
@@ -38,12 +37,16 @@ def load_quiz(data_dir=None, split: str = "held_out") -> List[QuizItem]:
                 for line in f if line.strip()]
 
 
+def chat_prompt(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+
+
 def _sequences(item: QuizItem, tokenizer, style: str):
     """(prompt ids, [candidate ids]) for one question in the text or chat style."""
     if style == "text":
         prompt = [tokenizer.bos_id] + tokenizer.encode(item.text_prompt)
         return prompt, [tokenizer.encode(a) for a in item.text_answers]
-    prompt = tokenizer.encode(render_chat([{"role": "user", "content": item.question}])[0])
+    prompt = tokenizer.encode(chat_prompt(tokenizer, item.question))
     return prompt, [tokenizer.encode(a) for a in item.answers]
 
 
@@ -52,7 +55,7 @@ def reasoning_prompts(model, quiz: List[QuizItem], tokenizer, device) -> List[Li
     """For each question: chat prompt + the model's greedy reasoning up to </think> (at most REASON_THINK_TOKENS
     tokens, one left-padded batch), closed by the template's "</think>\n<answer>\n"."""
     from minimind.generate import SamplingConfig, generate, left_pad
-    prompts = [render_chat([{"role": "user", "content": item.question}])[0] for item in quiz]
+    prompts = [chat_prompt(tokenizer, item.question) for item in quiz]
     ids, mask = left_pad([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
     new = generate(model, ids, mask, SamplingConfig(max_new_tokens=REASON_THINK_TOKENS, temperature=0.0),
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
@@ -131,15 +134,18 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="a .pth state dict (none: a randomly initialised model)")
-    ap.add_argument("--hidden_size", type=int, default=128)
-    ap.add_argument("--num_hidden_layers", type=int, default=4)
-    ap.add_argument("--num_attention_heads", type=int, default=4)
-    ap.add_argument("--num_key_value_heads", type=int, default=2)
+    ap.add_argument("--hidden_size", type=int, default=128, help="model shape (default %(default)s: the demo's)")
+    ap.add_argument("--num_hidden_layers", type=int, default=4, help="model shape (default %(default)s: the demo's)")
+    ap.add_argument("--num_attention_heads", type=int, default=4, help="model shape (default %(default)s: the demo's)")
+    ap.add_argument("--num_key_value_heads", type=int, default=2, help="model shape (default %(default)s: the demo's)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
     ap.add_argument("--data_dir", default=None, help="demo data folder with eval.jsonl (default: generated)")
-    ap.add_argument("--style", choices=STYLES + (REASON_STYLE,), default=None)
-    ap.add_argument("--split", choices=("held_out", "seen"), default="held_out")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--style", choices=STYLES + (REASON_STYLE,), default=None,
+                    help="how questions are asked: as text, as a chat turn, or in the reasoning template "
+                         "(default: text and chat)")
+    ap.add_argument("--split", choices=("held_out", "seen"), default="held_out",
+                    help="held_out: facts no training question asks about; seen: the ones it does")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     args = ap.parse_args()
     cfg = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                          num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads)

@@ -1,4 +1,4 @@
-"""The training engine: one loop that every stage (pretrain, sft, lora, dpo, distill, reason) runs.
+"""The training engine: one loop that every stage (pretrain, sft, lora, dpo, distill, reason, grpo, ppo) runs.
 
 A stage is a recipe (`Stage`): which data, which loss, which weights to start from and which to write. The engine
 does the rest, once: flags, precision, gradient accumulation, clipping, AdamW, the learning-rate schedule, DDP or
@@ -78,7 +78,7 @@ class Stage:
     """A training recipe: which data, which loss, which weights to start from and write (train/sft.py is a small
     example). Only name, data_kind, save_prefix and loss are required."""
     name: str               # log names, {out_dir}/{name}_metrics.jsonl, wandb run name
-    data_kind: str          # minimind.data.build_loader kind: "pretrain" | "sft" | "dpo" | "reason"
+    data_kind: str          # minimind.data.build_loader kind: "pretrain" | "sft" | "dpo" | "reason" | "rl"
     save_prefix: str        # weight file {out_dir}/{save_prefix}_{hidden}[_moe].pth ("full_sft", "rlhf", ...)
     loss: Callable          # loss(model, batch, run) -> (mean loss of the micro-batch, {metric: scalar}); run under
                             # autocast, batch already on the device; call any method of model (DDP still syncs)
@@ -88,12 +88,20 @@ class Stage:
                                                 # before optimizer / resume / DDP / compile (LoRA wrapping; frozen
                                                 # models via run.add_frozen, which compiles them under --compile
                                                 # and counts them in MFU); runs again on resume, so deterministic
-    trainable: Optional[Callable] = None        # trainable(model) -> parameters to train (default: all)
+    trainable: Optional[Callable] = None        # trainable(model) -> parameters to train (default: all), or
+                                                # param groups, each clipped on its own, lr times its "lr_scale"
     weights: Optional[Callable] = None          # weights(model, run) -> state dict to save (default: fp16 model)
     weights_path: Optional[Callable] = None     # weights_path(run) -> Path (default from save_prefix)
     tokens: Optional[Callable] = None           # tokens(batch) -> useful tokens, for tokens/s and MFU
     flops_per_token: Optional[Callable] = None  # flops_per_token(model, seq_len): the trained model's forward +
                                                 # backward, for MFU (default 6N + 12LdT); frozen models are added
+    check_args: Optional[Callable] = None       # check_args(args): stage flags, before anything is built
+    loader_options: Optional[Callable] = None   # loader_options(args, tokenizer) -> more build_loader keywords
+    make_steps: Optional[Callable] = None       # make_steps(batches, run) -> iterable of optimizer steps, each a
+                                                # list of micro-batches (dicts on the device), made from the A
+                                                # loader batches of one step (RL: rollouts; PPO: several update
+                                                # passes); run.step_metrics holds the last step's metric sums.
+                                                # Its time is reported apart (rollout_s); default: [batches]
 
 
 # --------------------------------------------------------------------------------------------------- flags
@@ -310,7 +318,9 @@ class Run:
         self.step, self.epoch = 0, 0
         self.extras = {}
         self.out_dir = Path(args.out_dir)
-        self._bar = None
+        self.model = self.loader = None  # the trained model (after prepare, unwrapped) and the data loader
+        self.step_metrics = {}  # the metric sums of the last optimizer step (what make_steps may look at)
+        self._bar, self._outside_step = None, set()
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -321,18 +331,22 @@ class Run:
         if self.is_main:
             (self._bar.write if self._bar is not None else print)(msg)
 
-    def add_frozen(self, name, model):
-        """Register a model the loss runs without training it (a DPO reference, a teacher): eval mode, no
-        gradients, blocks compiled under --compile, counted in MFU as one forward per token; run.extras[name]."""
+    def add_frozen(self, name, model, in_step=True):
+        """Register a model the stage runs without training it (a DPO reference, a teacher): eval mode, no
+        gradients, blocks compiled under --compile; run.extras[name]. in_step: the loss runs it, so MFU counts
+        one forward of it per token (False: it runs outside the step, in make_steps, e.g. PPO's reference)."""
         model.eval().requires_grad_(False)
         if self.args.compile:
             compile_blocks(model, **compile_options(self.args))
         self.extras[name] = model
+        if not in_step:
+            self._outside_step.add(name)
         return model
 
     def frozen_models(self):
-        """The models in run.extras (registered there by add_frozen): the ones MFU counts one forward of."""
-        return [m for m in self.extras.values() if isinstance(m, nn.Module)]
+        """The models in run.extras (registered there by add_frozen) that the loss runs: MFU counts one forward of
+        each."""
+        return [m for k, m in self.extras.items() if isinstance(m, nn.Module) and k not in self._outside_step]
 
     def build_model(self, config=None, weights=None, kernels=None, flag="--from_weight"):
         """A MiniMindForCausalLM on this run's device (fp32 params); weights: None | stage prefix | path, given by
@@ -429,15 +443,36 @@ def run_flops_per_token(stage, model, run):
 RECOMPILE_LIMIT = 64
 
 
+def _blocks(model):
+    from minimind.model import MiniMindModel
+    return [block for m in model.modules() if isinstance(m, MiniMindModel) for block in m.layers]
+
+
 def compile_blocks(model, **compile_kwargs):
-    """torch.compile each decoder block of a MiniMindForCausalLM in place (nn.Module.compile; compile_kwargs go to
-    torch.compile), so every entry point (forward, token_logprobs, model.model) runs compiled blocks and the
-    state-dict keys stay as they are. Returns model."""
+    """torch.compile each decoder block of every MiniMind body in `model` (a MiniMindForCausalLM, or a module holding
+    several, like PPO's actor and critic) in place (nn.Module.compile; compile_kwargs go to torch.compile), so every
+    entry point (forward, token_logprobs, model.model) runs compiled blocks and the state-dict keys stay as they
+    are. Returns model."""
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
-    for block in model.model.layers:
+    for block in _blocks(model):
         block.compile(**compile_kwargs)
     return model
+
+
+@contextlib.contextmanager
+def eager_blocks(model):
+    """Inside, the blocks compile_blocks compiled run uncompiled: the RL stages generate their rollouts so (a decode
+    step's batch shrinks as rows finish and its cache span grows every step, which would keep recompiling, for
+    one-token forwards where compilation gains little); their training forward and backward run compiled."""
+    compiled = [(b, b._compiled_call_impl) for b in _blocks(model) if getattr(b, "_compiled_call_impl", None)]
+    for block, _ in compiled:
+        block._compiled_call_impl = None  # what nn.Module.__call__ checks (set by nn.Module.compile)
+    try:
+        yield
+    finally:
+        for block, impl in compiled:
+            block._compiled_call_impl = impl
 
 
 def compile_options(args) -> dict:
@@ -566,6 +601,8 @@ def _check_args(args, stage):
             raise ConfigError(f"--{name} must be in [0, 1], got {value}")
     if args.from_resume not in ("0", "1") and not Path(args.from_resume).exists():
         raise ConfigError(f"--from_resume {args.from_resume}: no such file")
+    if stage.check_args:
+        stage.check_args(args)
     return device
 
 
@@ -644,9 +681,10 @@ def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, 
 
     For each of the A micro-batches (dicts of tensors already on the device): loss, metrics = wrapped(batch) (a
     StageStep, possibly inside DDP or DeepSpeed), backward of loss / A (through the GradScaler for fp16); DDP
-    syncs gradients on the last micro-batch only. Then unscale, clip the gradient norm of `params` to grad_clip,
-    set the learning rate, AdamW step, zero_grad. Returns (mean loss over the micro-batches (0-dim tensor),
-    {metric: sum over micro-batches}, grad norm or None).
+    syncs gradients on the last micro-batch only. Then unscale, clip the gradient norm of `params` to grad_clip
+    (params: a list of tensors, or of param-group dicts, each group clipped on its own), set the learning rate
+    (times a group's "lr_scale"), AdamW step, zero_grad. Returns (mean loss over the micro-batches (0-dim tensor),
+    {metric: sum over micro-batches}, grad norm or None (with groups, the norm of all of them)).
     """
     A = len(micro_batches)
     loss_sum, metric_sums = None, {}
@@ -655,7 +693,7 @@ def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, 
             loss, metrics = ds_engine(batch)
             ds_engine.backward(loss)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             ds_engine.step()
         else:
             sync = ddp is None or micro == A - 1
@@ -671,9 +709,11 @@ def train_step(wrapped, micro_batches, optimizer, params, lr, *, grad_clip=1.0, 
         if scaler is not None:
             scaler.unscale_(optimizer)
         if grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            groups = [g["params"] for g in params] if params and isinstance(params[0], dict) else [params]
+            norms = [torch.nn.utils.clip_grad_norm_(group, grad_clip) for group in groups]
+            grad_norm = norms[0] if len(norms) == 1 else torch.stack(norms).norm()
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -710,10 +750,13 @@ def _train(stage, args, device, dist):
             if getattr(args, name) is None:
                 setattr(args, name, default)
             augment[name] = getattr(args, name)
+    if stage.loader_options:
+        augment.update(stage.loader_options(args, tokenizer))
     loader = build_loader(stage.data_kind, args.data_path, tokenizer, max_seq_len=args.max_seq_len,
                           batch_size=args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size,
                           pack=not getattr(args, "no_pack", False), skip_bad_records=args.skip_bad_records,
                           **augment)
+    run.loader = loader
     steps_per_epoch = _min_over_processes(len(loader) // args.accumulation_steps, dist, device)
     if steps_per_epoch < 1:
         raise ConfigError(f"--data_path {args.data_path} gives {len(loader)} batches of {args.batch_size} per "
@@ -727,8 +770,9 @@ def _train(stage, args, device, dist):
     model.to(device)
     if stage.prepare:
         model = stage.prepare(model, run)
+    run.model = model
     trainable = list(stage.trainable(model)) if stage.trainable else [p for p in model.parameters()]
-    keep = {id(p) for p in trainable}
+    keep = {id(p) for g in trainable for p in (g["params"] if isinstance(g, dict) else [g])}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
 
@@ -821,6 +865,9 @@ def _train(stage, args, device, dist):
     losses, run_steps, t_start, interrupted = [], 0, time.perf_counter(), False
     loss_val = float("nan")
     window = dict(t=time.perf_counter(), tokens=0, flops=0.0)
+    if stage.make_steps:
+        window["aside_s"] = 0.0  # the time spent making the steps (rollouts), kept out of tokens/s and MFU
+    aside_total = 0.0
     model.train()
     try:
         while step < total_steps and epoch < args.epochs:
@@ -829,27 +876,43 @@ def _train(stage, args, device, dist):
             for _ in range(steps_here):
                 run.step, run.epoch = step, epoch
                 lr = lr_at(step, total_steps, args.learning_rate, args.warmup_iters)
-                micro_batches = []
-                for _ in range(A):
-                    batch = next(it)
-                    n_tok = tokens_fn(batch)
-                    window["tokens"] += n_tok
-                    window["flops"] += n_tok * flops_fn(_seq_len(batch))
-                    tokens_total += n_tok * W
-                    micro_batches.append(_to_device(batch, device))
-                if cuda_graphs:  # a new iteration: the graphs may overwrite the previous step's outputs
-                    torch.compiler.cudagraph_mark_step_begin()
-                loss_mean, metric_sums, grad_norm = train_step(wrapped, micro_batches, optimizer, trainable, lr,
-                                                               grad_clip=args.grad_clip, scaler=scaler, ddp=ddp,
-                                                               ds_engine=ds_engine)
+                batches = [next(it) for _ in range(A)]
+                counted = batches if stage.make_steps is None else []  # on the host, before the copy
+                t_aside = time.perf_counter()
+                updates = ([[_to_device(b, device) for b in batches]] if stage.make_steps is None
+                           else stage.make_steps([_to_device(b, device) for b in batches], run))
+                loss_sum, metric_sums, n_micro = 0.0, {}, 0
+                for micro_batches in updates:  # one optimizer step each
+                    aside_s = time.perf_counter() - t_aside
+                    for batch in counted or micro_batches:
+                        n_tok = tokens_fn(batch)
+                        window["tokens"] += n_tok
+                        window["flops"] += n_tok * flops_fn(_seq_len(batch))
+                        tokens_total += n_tok * W
+                    if cuda_graphs:  # a new iteration: the graphs may overwrite the previous step's outputs
+                        torch.compiler.cudagraph_mark_step_begin()
+                    loss_mean, run.step_metrics, grad_norm = train_step(
+                        wrapped, micro_batches, optimizer, trainable, lr, grad_clip=args.grad_clip, scaler=scaler,
+                        ddp=ddp, ds_engine=ds_engine)
+                    loss_sum, n_micro = loss_sum + loss_mean * len(micro_batches), n_micro + len(micro_batches)
+                    for k, v in run.step_metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                    t_aside = time.perf_counter()
+                    if stage.make_steps:
+                        window["aside_s"] += aside_s
+                        aside_total += aside_s
+                if stage.make_steps:  # the generator's own end (e.g. PPO's early stop)
+                    window["aside_s"] += time.perf_counter() - t_aside
+                    aside_total += time.perf_counter() - t_aside
+                loss_mean = loss_sum / n_micro
                 step += 1
                 run_steps += 1
                 epoch_batches += W * A
                 stopping = distributed.any_process(
                     stop.requested or (args.stop_after and run_steps >= args.stop_after), dist, device)
                 if step % args.log_interval == 0 or step == total_steps or stopping:
-                    loss_val, record = log_step(step, epoch, lr, loss_mean, metric_sums, A, grad_norm, window,
-                                                peak, W, dist, t_start - seconds_before)
+                    loss_val, record = log_step(step, epoch, lr, loss_mean, metric_sums, n_micro, grad_norm,
+                                                window, peak, W, dist, t_start - seconds_before)
                     losses.append([step, loss_val])
                     metrics_log.write(record)
                     if bar is not None:
@@ -883,7 +946,7 @@ def _train(stage, args, device, dist):
                   metrics_path=str(metrics_log.path), steps=step, total_steps=total_steps, final_loss=loss_val,
                   losses=losses, tokens=tokens_total, seconds=seconds, flops_per_token=flops_fn(args.max_seq_len),
                   tokens_per_s=(tokens_total - tokens_before) / seconds if seconds > 0 else 0.0,  # this run's
-                  interrupted=interrupted, model=model)
+                  rollout_s=aside_total, interrupted=interrupted, model=model)
     if not interrupted:
         run.log(finish_summary(result))
     return result

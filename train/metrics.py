@@ -68,8 +68,10 @@ def bar_text(record) -> str:
 
 
 def log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W, dist, t_origin):
-    """Average loss and metrics over the step's micro-batches and the processes; throughput since the last log;
-    elapsed_s = seconds of training since t_origin (which a resumed run moves back by its earlier runs' time)."""
+    """Average loss and metrics over the step's A micro-batches and the processes; throughput since the last log;
+    elapsed_s = seconds of training since t_origin (which a resumed run moves back by its earlier runs' time).
+    A window with "aside_s" (the RL stages' rollouts) keeps that time out of tokens/s and MFU and logs it as
+    rollout_s (this process's seconds since the last log)."""
     names = sorted(metric_sums)
     values = [loss.float().reshape(())] + [torch.as_tensor(metric_sums[k], dtype=torch.float32,
                                                            device=loss.device).reshape(()) / A for k in names]
@@ -77,11 +79,14 @@ def log_step(step, epoch, lr, loss, metric_sums, A, grad_norm, window, peak, W, 
     counts = torch.tensor([window["tokens"], window["flops"]], dtype=torch.float64, device=loss.device)
     tokens, flops = (distributed.all_reduce_mean(counts, dist) * W).tolist()
     now = time.perf_counter()
-    dt = max(now - window["t"], 1e-9)
+    aside = window.get("aside_s")
+    dt = max(now - window["t"] - (aside or 0.0), 1e-9)
     window.update(t=now, tokens=0, flops=0.0)
     record = dict(step=step, epoch=epoch, loss=means[0], lr=lr, tokens_per_s=tokens / dt,
                   mfu=(flops / dt / (peak * W)) if peak else None,
                   grad_norm=None if grad_norm is None else float(grad_norm), elapsed_s=now - t_origin)
+    if aside is not None:
+        record["rollout_s"], window["aside_s"] = aside, 0.0
     record.update(zip(names, means[1:]))
     return means[0], record
 

@@ -11,7 +11,7 @@ from minimind.tokenizer import load_tokenizer
 def main():
     ap = argparse.ArgumentParser(description="Build (or check) the token cache of a JSON Lines file.")
     ap.add_argument("--data", required=True, help="the JSON Lines file; its cache goes beside it (FILE.tokcache/)")
-    ap.add_argument("--kind", required=True, choices=("pretrain", "sft", "reason", "dpo"),
+    ap.add_argument("--kind", required=True, choices=("pretrain", "sft", "reason", "dpo", "rl"),
                     help="the file's format (sft and reason share one cache)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the bundled one)")
     ap.add_argument("--cache_dir", default=None, help="put the cache here instead of beside the file")

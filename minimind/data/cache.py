@@ -8,9 +8,13 @@ A cache folder holds, for N sequences with L tokens in all:
     meta.json                     source fingerprint, tokenizer hash, counts, skipped records
     system_ok.bin, edit_index.bin, edits.bin, repl_tokens.bin, repl_mask.bin
                                   (chat kinds) what the SFT augmentations need (minimind.data.augment)
+    records.bin, record_offsets.bin
+                                  (rl) each record's prompt messages, tools and answer as JSON (PromptRecords)
 Pretrain sequences are stored wrapped, <|im_start|> text <|im_end|>. Chat (sft, reason) sequences are the rendered
 conversations in the tokenizer's chat format (the records checked by that format's rules). DPO record j is stored as
-sequence 2j (chosen) and 2j + 1 (rejected). Sequences are stored whole; the loaders truncate to max_seq_len, so one
+sequence 2j (chosen) and 2j + 1 (rejected). RL record j is its generation prompt (every message but the last, then the
+opened assistant turn), stored as sequence V*j + v, v = 0 with thinking off and, for a tokenizer whose template
+switches thinking (V = 2), v = 1 with it on. Sequences are stored whole; the loaders truncate to max_seq_len, so one
 cache serves every sequence length.
 
 The folder is `<file>.tokcache/<kind>-<tokenizer hash>/` beside the data (or under cache_dir). It is reused when the
@@ -77,6 +81,19 @@ def cache_folder(path, kind: str, tokenizer, cache_dir=None) -> Path:
 
 
 @dataclass
+class PromptRecords:
+    """rl kind: what the rewards need of record i (its prompt messages, tools, answer), JSON read on demand."""
+    records: np.ndarray  # uint8 (bytes,): the records' JSON back to back
+    record_offsets: np.ndarray  # int64 (N + 1,)
+
+    FILES = (("records", np.uint8), ("record_offsets", np.int64))
+
+    def __getitem__(self, i: int) -> dict:
+        """{"messages": [...], "tools": [...] or None, "answer": str or None}"""
+        return json.loads(self.records[self.record_offsets[i]:self.record_offsets[i + 1]].tobytes())
+
+
+@dataclass
 class TokenCache:
     folder: Path
     tokens: np.ndarray  # uint16 memmap (L,)
@@ -84,7 +101,7 @@ class TokenCache:
     offsets: np.ndarray  # int64 (N + 1,)
     first_target: Optional[np.ndarray]  # int64 (N,) or None
     meta: dict
-    extras: Optional[ChatExtras] = None  # chat kinds: what the SFT augmentations need
+    extras: Optional[object] = None  # chat kinds: ChatExtras (what the SFT augmentations need); rl: PromptRecords
 
     @property
     def lengths(self) -> np.ndarray:
@@ -112,6 +129,9 @@ def _open(folder: Path) -> TokenCache:
         arrays = {name: np.fromfile(folder / f"{name}.bin", dtype=dt) for name, dt in ChatExtras.FILES}
         arrays["edits"] = arrays["edits"].reshape(-1, 4)
         extras = ChatExtras(**arrays)
+    elif meta["kind"] == "rl":
+        extras = PromptRecords(**{name: np.fromfile(folder / f"{name}.bin", dtype=dt) for name, dt in
+                                  PromptRecords.FILES})
     return TokenCache(folder, tokens, mask, offsets, first, meta, extras)
 
 
@@ -132,9 +152,10 @@ def _init_worker(tokenizer):
 
 def encode_block(kind: str, first_line: int, lines):
     """Parse, validate and tokenise one block. Returns (tokens uint16, mask uint8 or None, lengths int64,
-    first_target int64 or None, records, errors [(line, message)], chat extras or None (augment.chat_extras));
-    bad records are left out and reported."""
-    tok, records, errors, extras = _TOKENIZER, [], [], None
+    first_target int64 or None, records, errors [(line, message)], extras or None: chat kinds augment.chat_extras,
+    rl (record JSON bytes, records without an answer, the line of the first)); bad records are left out and
+    reported."""
+    tok, records, errors, extras, no_answer = _TOKENIZER, [], [], None, []
     for i, line in enumerate(lines):
         try:
             rec = parse_record(kind, line, tok.chat_format)
@@ -143,9 +164,20 @@ def encode_block(kind: str, first_line: int, lines):
             continue
         if rec is not None:
             records.append(rec)
+            if kind == "rl" and rec[2] is None:
+                no_answer.append(first_line + i)
     if kind == "pretrain":
         seqs = [np.asarray([tok.bos_id] + ids + [tok.eos_id], dtype=np.int64) for ids in tok.encode_batch(records)]
         masks = first = None
+    elif kind == "rl":
+        thinking = (False, True) if tok.supports_thinking else (False,)
+        prompts = [render(tok.format, messages, tools, add_generation_prompt=True, thinking=t)[0]
+                   for messages, tools, _ in records for t in thinking]
+        seqs = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(prompts)]
+        masks = first = None
+        blobs = [json.dumps({"messages": m, "tools": t, "answer": a}, ensure_ascii=False).encode("utf-8")
+                 for m, t, a in records]
+        extras = (blobs, len(no_answer), no_answer[0] if no_answer else None)
     else:
         convs = [c for pair in records for c in pair] if kind == "dpo" else records
         rendered = [render(tok.format, messages, tools) for messages, tools in convs]
@@ -182,11 +214,14 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True)
-    has_mask = kind != "pretrain"
+    has_mask = kind not in ("pretrain", "rl")
     has_extras = cache_kind(kind) == "chat"
     lengths, firsts, n_records, n_skipped, kept_errors = [], [], 0, 0, []
     extra_files = {name: open(tmp / f"{name}.bin", "wb") for name, _ in ChatExtras.FILES} if has_extras else {}
+    if kind == "rl":
+        extra_files = {name: open(tmp / f"{name}.bin", "wb") for name, _ in PromptRecords.FILES}
     edit_counts, n_repl = [np.zeros(1, np.int64)], 0
+    record_sizes, no_answer = [np.zeros(1, np.int64)], {"records_without_answer": 0, "first_without_answer": None}
     pool = _pool(num_workers, tokenizer) if num_workers > 0 else None
     if pool is None:
         _set_tokenizer(tokenizer)
@@ -207,6 +242,13 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
                     fmask.write(mask.tobytes())
                     firsts.append(first)
                 lengths.append(lens)
+                if kind == "rl":
+                    blobs, n_missing, first_missing = extras
+                    extra_files["records"].write(b"".join(blobs))
+                    record_sizes.append(np.asarray([len(b) for b in blobs], dtype=np.int64))
+                    no_answer["records_without_answer"] += n_missing
+                    if no_answer["first_without_answer"] is None and first_missing is not None:
+                        no_answer["first_without_answer"] = f"{path}:{first_missing}"
                 if has_extras:
                     system_ok, counts, edits, repl_tokens, repl_mask = extras
                     edits = edits + np.asarray([0, 0, n_repl, n_repl])  # offsets into the whole file's arrays
@@ -230,6 +272,8 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
                     consume(pending.popleft().get())
         if has_extras:
             extra_files["edit_index"].write(np.cumsum(np.concatenate(edit_counts)).tobytes())
+        if kind == "rl":
+            extra_files["record_offsets"].write(np.cumsum(np.concatenate(record_sizes)).tobytes())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -252,6 +296,8 @@ def _build(path: Path, kind: str, tokenizer, folder: Path, skip_bad_records: boo
             "vocab_size": tokenizer.vocab_size, "has_mask": has_mask, "records": n_records,
             "sequences": int(len(lens)), "tokens": int(offsets[-1]), "skipped_records": n_skipped,
             "errors": kept_errors, "workers": num_workers, "build_seconds": round(time.time() - t0, 3)}
+    if kind == "rl":  # prompts per record: thinking off (and on, where the template switches it)
+        meta.update(variants=2 if tokenizer.supports_thinking else 1, **no_answer)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -4,6 +4,9 @@ Formats (one JSON object per line, UTF-8; blank lines are ignored):
     pretrain         {"text": "..."}
     sft, reason      {"conversations": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}
     dpo              {"chosen": [messages], "rejected": [messages]}
+    rl               {"conversations": [...], "answer": "..." (optional)}: MiniMind's rlaif.jsonl. The last message
+                     is the assistant's (its content is not used); the prompt is every message before it. `answer`
+                     (a string or a number) is what the `answer` reward of the RL stages compares the reply with.
 
 How a conversation is checked depends on the tokenizer's chat format (minimind.chat_template):
   minimind2  MiniMind2's: an optional leading system message, then user and assistant turns strictly alternating,
@@ -19,7 +22,7 @@ A conversation is returned as (messages, tools): messages with JSON strings pars
 import json
 from typing import Iterator, List, Tuple
 
-KINDS = ("pretrain", "sft", "reason", "dpo")
+KINDS = ("pretrain", "sft", "reason", "dpo", "rl")
 
 
 class DataError(ValueError):
@@ -195,13 +198,27 @@ def _json_error(e: json.JSONDecodeError, text: str) -> str:
     return f"malformed JSON: {what}"
 
 
+def _rl_prompt(obj, check):
+    """(prompt messages, tools, answer as a string or None) of an rl record (the module docstring)."""
+    if "conversations" not in obj:
+        raise RecordError("missing field 'conversations'")
+    messages, tools = check(obj["conversations"], "conversations")
+    if messages[-1]["role"] != "assistant":
+        raise RecordError(f"conversations[{len(messages) - 1}] is a {messages[-1]['role']} message; RL data ends with "
+                          "the assistant's turn (the prompt is every message before it)")
+    answer = obj.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise RecordError(f"field 'answer' must be a string or a number, got {type(answer).__name__}")
+    return messages[:-1], tools, None if answer is None else str(answer)
+
+
 CHECKS = {"minimind2": _check_conversation, "minimind3": _check_t2t_conversation}
 
 
 def parse_record(kind: str, line: bytes, chat_format: str = "minimind2"):
-    """Validate one line; returns the text (pretrain), the conversation (messages, tools) (sft/reason) or (chosen,
-    rejected) conversations (dpo), or None for a blank line. chat_format: the rules conversations follow (the
-    module docstring). Raises RecordError."""
+    """Validate one line; returns the text (pretrain), the conversation (messages, tools) (sft/reason), (chosen,
+    rejected) conversations (dpo), the prompt (messages, tools, answer or None) (rl), or None for a blank line.
+    chat_format: the rules conversations follow (the module docstring). Raises RecordError."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -232,4 +249,6 @@ def parse_record(kind: str, line: bytes, chat_format: str = "minimind2"):
             if key not in obj:
                 raise RecordError(f"missing field {key!r}")
         return check(obj["chosen"], "chosen"), check(obj["rejected"], "rejected")
+    if kind == "rl":
+        return _rl_prompt(obj, check)
     raise ValueError(f"unknown data kind {kind!r}; choose one of {KINDS}")

@@ -14,6 +14,8 @@ Items and rows (T <= max_seq_len; all tensors int64, (B, T)):
     pretrain, pack=False  MiniMind2: one document per row, truncated and padded to max_seq_len, labels -100 on pads.
     sft / reason          one conversation per row, truncated; labels = ids on assistant tokens, else -100.
     dpo                   chosen and rejected padded to one T; labels as for sft.
+    rl                    not rows but prompts (PromptLoader): each record's generation prompt, its last
+                          max_seq_len tokens (MiniMind keeps the end, where the assistant turn opens), as id lists.
 With pack=True the chat kinds are length-bucketed: each epoch's shuffled items are cut into mega-batches of
 BUCKET_BATCHES batches, sorted by length inside each, cut into batches, and the batch order shuffled, so each
 batch pads to its own longest row and little padding remains. pack=False pads every row to max_seq_len, in a plainly
@@ -305,3 +307,57 @@ class DPOLoader(SequenceLoader):
     def _extra_stats(self):
         return {"pairs": len(self.items), "truncated_sequences": int((self.cache.lengths > self.max_seq_len).sum()),
                 "no_target_pairs": int(len(self.pair_lengths) - len(self.items))}
+
+
+class PromptLoader(Loader):
+    """rl: item j is record j's prompt for the RL stages to roll out. A batch is {"prompt_index" (B,) the records,
+    "prompts" [B id lists], "thinking" [B bools], "records" [B dicts: messages, tools, answer]}. With a tokenizer
+    whose template switches thinking, each item's prompt opens a <think> block with probability thinking_ratio,
+    drawn from (seed, epoch, item) like the SFT augmentations, so batches stay reproducible and resumable."""
+
+    def __init__(self, kind, cache, *, thinking_ratio: float = 0.0, **kw):
+        if not 0.0 <= thinking_ratio <= 1.0:
+            raise ValueError(f"thinking_ratio must be in [0, 1], got {thinking_ratio}")
+        if thinking_ratio > 0 and cache.meta.get("variants", 1) < 2:
+            raise ValueError(f"thinking_ratio {thinking_ratio}: this tokenizer's chat template cannot switch thinking")
+        self.thinking_ratio = float(thinking_ratio)
+        super().__init__(kind, cache, **kw)
+
+    def _setup(self):
+        self.variants = self.cache.meta.get("variants", 1)
+        self.full_lengths = self.cache.lengths[0::self.variants]  # thinking off
+        self.lengths = np.minimum(self.full_lengths, self.max_seq_len)
+        self.items = np.arange(len(self.lengths))
+
+    def _make_plan(self, rng):
+        return random_batches(self.items, self.batch_size, rng, self.drop_last)
+
+    def thinking(self, item: int) -> bool:
+        """Whether item's prompt opens a <think> block this epoch."""
+        return self.thinking_ratio > 0 and bool(np.random.default_rng([self.seed, self.epoch, item, 1]).random()
+                                                < self.thinking_ratio)
+
+    def _collate(self, batch):
+        thinking = [self.thinking(int(i)) for i in batch]
+        prompts = [self.cache.sequence(int(i) * self.variants + int(t))[0][-self.max_seq_len:].tolist()
+                   for i, t in zip(batch, thinking)]
+        return {"prompt_index": torch.from_numpy(batch.astype(np.int64)), "prompts": prompts, "thinking": thinking,
+                "records": [self.cache.extras[int(i)] for i in batch]}
+
+    def _batch_tokens(self, batch):
+        n = int(self.lengths[batch].sum())
+        return n, n
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "thinking_ratio": self.thinking_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("thinking_ratio", self.thinking_ratio) != self.thinking_ratio:
+            raise ValueError(f"loader state has thinking_ratio={state['thinking_ratio']!r} but this loader has "
+                             f"{self.thinking_ratio!r}; the saved position would mean other prompts")
+        super().load_state_dict(state)
+
+    def _extra_stats(self):
+        meta = self.cache.meta
+        return {"prompts": len(self.items), "truncated_prompts": int((self.full_lengths > self.max_seq_len).sum()),
+                "records_without_answer": meta["records_without_answer"]}

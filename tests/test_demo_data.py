@@ -15,7 +15,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from tests.train_helpers import QUIZ_MARGIN, short_pretrain  # noqa: F401  (fixture)
 
-SMALL = {"pretrain": 300, "sft": 200, "dpo": 100, "reason": 100}
+SMALL = {"pretrain": 300, "sft": 200, "dpo": 100, "reason": 100, "grpo": 100}
 CJK = re.compile(r"[\u4e00-\u9fff]")
 LATIN = re.compile(r"[A-Za-z]{3}")
 
@@ -32,15 +32,15 @@ def records(path):
 
 def test_deterministic(tmp_path):
     a, b = write_demo_data(tmp_path / "a", SMALL), write_demo_data(tmp_path / "b", SMALL)
-    assert set(a) == {"pretrain", "sft", "dpo", "reason", "eval"}
+    assert set(a) == {"pretrain", "sft", "dpo", "reason", "grpo", "eval"}
     for kind in a:
         assert filecmp.cmp(a[kind], b[kind], shallow=False), kind
 
 
 def test_every_file_is_valid_and_bilingual(demo, tmp_path):
     tok = load_tokenizer()
-    for kind in ("pretrain", "sft", "dpo", "reason"):
-        loader = build_loader(kind, demo[kind], tok, max_seq_len=256, batch_size=8, cache_dir=tmp_path)
+    for kind, fmt in [("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("reason", "sft"), ("grpo", "rl")]:
+        loader = build_loader(fmt, demo[kind], tok, max_seq_len=256, batch_size=8, cache_dir=tmp_path)
         s = loader.stats()
         assert s["skipped_records"] == 0 and len(loader) > 0 and s["tokens"] > 0
         text = demo[kind].read_text(encoding="utf-8")
@@ -71,7 +71,7 @@ def test_quiz_is_held_out(demo):
     world = World()
     quiz = world.quiz()
     assert len(quiz) == len(json.loads("[" + ",".join(demo["eval"].read_text().splitlines()) + "]"))
-    corpus = "".join(demo[k].read_text(encoding="utf-8") for k in ("pretrain", "sft", "dpo", "reason"))
+    corpus = "".join(demo[k].read_text(encoding="utf-8") for k in ("pretrain", "sft", "dpo", "reason", "grpo"))
     for item in quiz:  # (not after a digit: "10加4等于多少？" is another question than "0加4等于多少？")
         assert not re.search(r"(?<!\d)" + re.escape(item.question), corpus), item.question
     pretrain = demo["pretrain"].read_text(encoding="utf-8")
@@ -193,3 +193,82 @@ def test_exact_match_scores_generated_replies(demo, monkeypatch):
         item.answers[i % 2] for i, item in enumerate(quiz)])
     r = em.exact_match(model, tok, demo["eval"].parent)
     assert r["accuracy"] == 0.5 and all(ok == (i % 2 == 0) for i, (_, _, ok) in enumerate(r["replies"]))
+
+
+def test_grpo_prompts_are_verifiable_and_never_held_out(demo):
+    """Every GRPO record's `answer` is its canonical answer sentence: a seen fact, or a reading exercise's one-off
+    fact that its own prompt states."""
+    world = World()
+    truth = {item.question: item.answers[0] for item in world.quiz(held_out=False)}
+    held_out_facts = {item.answers[0] for item in world.quiz()}
+    rs, reading = records(demo["grpo"]), 0
+    for r in rs:
+        prompt, answer = r["conversations"][0]["content"], r["answer"]
+        assert r["conversations"][1]["content"] == answer and answer not in held_out_facts
+        if prompt in truth:
+            assert truth[prompt] == answer
+        else:
+            reading += 1
+            assert prompt.startswith(answer), r
+    assert 0.3 < reading / len(rs) < 0.7
+
+
+def test_tool_conversations_in_sft(demo):
+    """Some SFT records call the calculator (minimind-3's blocks in ChatML), with the tool's true result and the sum's
+    sentence as the answer; none asks a sum of the tool eval."""
+    from minimind.demo import tools
+    calls = 0
+    for r in records(demo["sft"]):
+        conv = r["conversations"]
+        if conv[0]["content"] != tools.TOOLS_SYSTEM:
+            assert "<tool_call>" not in json.dumps(r, ensure_ascii=False)
+            continue
+        calls += 1
+        assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
+        a, b = map(int, re.findall(r"\d+", conv[1]["content"]))
+        assert (a, b) not in tools.EVAL_PAIRS and tools.check_call(conv[2]["content"], a, b) == (True, {"a": a, "b": b})
+        assert conv[3]["content"] == f"<tool_response>\n{a + b}\n</tool_response>"
+        assert conv[4]["content"] in (f"{a} plus {b} equals {a + b}.", f"{a}加{b}等于{a + b}。")
+    assert 0.08 < calls / len(records(demo["sft"])) < 0.25
+
+
+def test_tool_calls_are_checked():
+    from minimind.demo.tools import check_call
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 40}}\n</tool_call>'
+    assert check_call(call, 3, 40) == (True, {"a": 3, "b": 40})
+    assert check_call(call, 3, 41) == (False, {"a": 3, "b": 40})  # wrong numbers: invalid, but the tool still runs
+    assert check_call("3 plus 40 equals 43.", 3, 40) == (False, None)
+    assert check_call(call.replace("add", "mul"), 3, 40) == (False, None)
+    assert check_call(call.replace('"b": 40', '"b": "40"'), 3, 40) == (False, None)
+    assert check_call(call[:-3], 3, 40) == (False, None)  # never closed
+    assert check_call(call + "\n" + call, 3, 40)[0] is False
+    assert check_call("Sure. " + call, 3, 40)[0] is False
+
+
+def test_tool_use_scores_calls_then_answers(monkeypatch):
+    """tool_use: the first replies are checked, the tool runs on the model's own arguments, the second replies are
+    scored; a random model calls nothing; a stand-in that calls right and then answers right half the time."""
+    from minimind.demo import answers, tools
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model, tok = MiniMindForCausalLM(cfg), load_tokenizer()
+    r = tools.tool_use(model, tok)
+    assert r["n"] == 2 * len(tools.EVAL_PAIRS) and r["valid_calls"] == 0.0 == r["right_answers"]
+    seen_prompts = []
+
+    def stand_in(model, tok, prompts, device, max_new_tokens):
+        texts = [tok.decode(p) for p in prompts]
+        seen_prompts.extend(texts)
+        out = []
+        for i, t in enumerate(texts):
+            a, b = map(int, re.findall(r"(\d+)(?: plus |加)(\d+)", t)[0])
+            if "<tool_response>" not in t:
+                out.append(tools.tool_call_text({"name": "add", "arguments": {"a": a, "b": b}}))
+            else:
+                assert f"<tool_response>\n{a + b}\n</tool_response>" in t
+                out.append(f"{a} plus {b} equals {a + b}." if i % 2 == 0 else "I do not know.")
+        return out
+    monkeypatch.setattr(answers, "greedy_replies", stand_in)
+    r = tools.tool_use(model, tok)
+    assert r["valid_calls"] == 1.0 and 0 < r["right_answers"] <= 0.5
+    assert all(t.startswith(f"<|im_start|>system\n{tools.TOOLS_SYSTEM}<|im_end|>") for t in seen_prompts)

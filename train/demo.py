@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from train import dpo, engine, pretrain, reason, sft
+from train import dpo, engine, grpo, pretrain, reason, sft
 
 DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4",
               "--num_key_value_heads", "2"]
@@ -45,12 +45,15 @@ DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attenti
 PIPELINE = [
     (pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64", "--accumulation_steps", "1",
                             "--learning_rate", "3e-3", "--warmup_iters", "100", "--from_weight", "none"]),
-    (sft, "sft", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-4",
+    (sft, "sft", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "192", "--learning_rate", "5e-4",
                   "--warmup_iters", "5", "--from_weight", "pretrain"]),
     (dpo, "dpo", ["--epochs", "1", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "2e-5",
                   "--beta", "2", "--from_weight", "full_sft"]),
     (reason, "reason", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-4",
                         "--warmup_iters", "5", "--template_weight", "1", "--from_weight", "rlhf"]),
+    (grpo, "grpo", ["--epochs", "1", "--batch_size", "8", "--num_generations", "6", "--max_seq_len", "96",
+                    "--max_gen_len", "24", "--temperature", "1.0", "--reward", "answer", "--loss_type", "cispo",
+                    "--beta", "0.04", "--learning_rate", "1e-4", "--from_weight", "rlhf"]),
 ]
 QUICK_STEPS = 3
 
@@ -86,9 +89,11 @@ def sample_replies(model, tokenizer, reason_mode=False):
 
 
 def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_style="chat"):
-    """Quiz (ranked answers) and exact match (generated answers), held-out and seen; prints them and returns
-    the scores. answer_style: "text" for the base model (it has never seen the chat template), else "chat"."""
+    """Quiz (ranked answers) and exact match (generated answers), held-out and seen, and for a chat model its use of
+    the calculator tool; prints them and returns the scores. answer_style: "text" for the base model (it has never
+    seen the chat template), else "chat"."""
     from minimind.demo import evaluate, exact_match
+    from minimind.demo.tools import tool_use
     from minimind.demo.answers import ANSWER_TOKENS, REASON_TOKENS
     t = time.perf_counter()
     scores = evaluate(model, tokenizer, data_dir=data_dir, device=device)
@@ -102,6 +107,10 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_
         em = exact_match(model, tokenizer, data_dir, device, answer_style, split, n_tokens)
         scores[f"answer_{split}_accuracy"], scores[f"answer_{split}_n"] = em["accuracy"], em["n"]
     scores["answer_style"] = answer_style
+    if answer_style == "chat":
+        tools = tool_use(model, tokenizer, device)
+        scores.update(tool_n=tools["n"], tool_valid_calls=tools["valid_calls"], tool_right_answers=tools["right_answers"],
+                      tool_example=tools["replies"][0])
     replies = sample_replies(model, tokenizer, reason_mode)
     print(f"\n== {title}: held-out quiz {scores['accuracy']:.1%} (text {scores['text_accuracy']:.1%}, chat "
           f"{scores['chat_accuracy']:.1%}; n={scores['n']}), seen-facts quiz {scores['seen_accuracy']:.1%}; "
@@ -113,6 +122,11 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_
     print(f"   generated answers right ({answer_style} prompt, greedy{where}): held-out "
           f"{scores['answer_held_out_accuracy']:.1%} (n={scores['answer_held_out_n']}), seen "
           f"{scores['answer_seen_accuracy']:.1%} (n={scores['answer_seen_n']})")
+    if "tool_n" in scores:
+        q, call, final, _, _ = scores["tool_example"]
+        print(f"   calculator tool (sums no training conversation asks): valid calls {scores['tool_valid_calls']:.1%}, "
+              f"right final answers {scores['tool_right_answers']:.1%} (n={scores['tool_n']})\n"
+              f"   Q: {q}\n   A: {call!r}\n   (tool) -> A: {final!r}")
     for lang, reply in replies.items():
         print(f"   Q: {SAMPLE_QUESTIONS[lang]}\n   A: {reply!r}")
     return scores
@@ -176,16 +190,19 @@ def main(argv=None):
             rows.append((name, scores, result["seconds"], result["final_loss"]))
 
     if rows:
-        print("\n                  quiz (ranked)      generated answers")
-        print("stage          held-out     seen    held-out     seen   train s   final loss")
+        print("\n                  quiz (ranked)      generated answers    calculator tool")
+        print("stage          held-out     seen    held-out     seen    calls  answers   train s   final loss")
         for name, s, secs, loss in rows:
             style = "(text)" if s["answer_style"] == "text" else ""
+            tool = (f"{s['tool_valid_calls']:8.1%} {s['tool_right_answers']:8.1%}" if "tool_n" in s
+                    else f"{'-':>8s} {'-':>8s}")
             print(f"{name:12s} {s['accuracy']:10.1%} {s['seen_accuracy']:8.1%} {s['answer_held_out_accuracy']:11.1%} "
-                  f"{s['answer_seen_accuracy']:8.1%} {secs:9.1f}   {loss:.4f} {style}")
+                  f"{s['answer_seen_accuracy']:8.1%} {tool} {secs:9.1f}   {loss:.4f} {style}")
             if "reason_held_out_accuracy" in s:
                 print(f"{'  in template':12s} {s['reason_held_out_accuracy']:10.1%} {s['reason_seen_accuracy']:8.1%}")
         print("(quiz: 4 candidates ranked by likelihood, chance 25%; generated: greedy reply is the canonical answer "
-              "or its value; (text): a plain-text prompt, the base model knows no chat template)")
+              "or its value; (text): a plain-text prompt, the base model knows no chat template; calculator tool: "
+              "a valid call with the question's numbers, then the right answer from the tool's result)")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; checkpoints in {out_dir}/")
     print(training_curves(metrics_logs, out_dir / "demo_metrics.png"))
     flag = "" if str(out_dir) == "out" else f" --out_dir {out_dir}"

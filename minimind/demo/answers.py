@@ -56,12 +56,11 @@ def _prompt(item: QuizItem, tokenizer, style: str) -> List[int]:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, quiz: List[QuizItem], device, style: str = "chat",
-                     max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
-    """Greedy replies to every question of `quiz`, one batch, decoded without special tokens but with the
-    reasoning tags (plain text in this tokenizer)."""
+def greedy_replies(model, tokenizer, prompts: List[List[int]], device, max_new_tokens: int) -> List[str]:
+    """Greedy replies to token-id prompts, one left-padded batch, each cut at <|im_end|> and decoded without special
+    tokens (the reasoning and tool tags are plain text in the demo's tokenizer)."""
     from minimind.generate import SamplingConfig, generate, left_pad
-    ids, mask = left_pad([_prompt(item, tokenizer, style) for item in quiz], tokenizer.pad_id, device)
+    ids, mask = left_pad(prompts, tokenizer.pad_id, device)
     new = generate(model, ids, mask, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
                    eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     out = []
@@ -70,6 +69,12 @@ def generate_answers(model, tokenizer, quiz: List[QuizItem], device, style: str 
             row = row[:row.index(tokenizer.eos_id)]
         out.append(tokenizer.decode(row, skip_special_tokens=True))
     return out
+
+
+def generate_answers(model, tokenizer, quiz: List[QuizItem], device, style: str = "chat",
+                     max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
+    """Greedy replies to every question of `quiz`."""
+    return greedy_replies(model, tokenizer, [_prompt(item, tokenizer, style) for item in quiz], device, max_new_tokens)
 
 
 def exact_match(model, tokenizer, data_dir=None, device="cpu", style: str = "chat", split: str = "held_out",

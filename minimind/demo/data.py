@@ -19,7 +19,7 @@ from typing import Dict
 
 from minimind.demo.world import SEED, World
 
-SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 1500, "reason": 1500}  # records; pretrain is ~0.4M tokens
+SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 1500, "reason": 1500, "grpo": 800}  # records; pretrain is ~0.4M tokens
 
 
 def _write(path: Path, records) -> None:
@@ -37,7 +37,8 @@ def write_demo_data(out_dir, sizes: Dict[str, int] = None) -> Dict[str, Path]:
     world = World()
     paths = {}
     for i, (kind, make) in enumerate([("pretrain", world.pretrain_records), ("sft", world.sft_records),
-                                      ("dpo", world.dpo_records), ("reason", world.reason_records)]):
+                                      ("dpo", world.dpo_records), ("reason", world.reason_records),
+                                      ("grpo", world.grpo_records)]):
         paths[kind] = out / f"{kind}.jsonl"
         _write(paths[kind], make(sizes[kind], random.Random(SEED + 100 + i)))
     paths["eval"] = out / "eval.jsonl"

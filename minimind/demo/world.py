@@ -46,6 +46,8 @@ NUM_CANDIDATES = 4
 READING = 0.5  # share of pretraining documents that state a one-off fact and later ask about it
 DPO_WRONG_SUBJECT = 0.5  # share of DPO pairs whose rejected answer is about another subject (World.wrong_subject)
 READING_SHARE = 0.3  # share of SFT and reasoning questions that are reading exercises (reading_prompt)
+TOOL_SHARE = 0.15  # share of SFT records that call the calculator tool (minimind.demo.tools)
+GRPO_READING_SHARE = 0.5  # share of GRPO prompts that are reading exercises; the others are seen questions
 
 
 def colour_sentences(p: "Person", colour: int, lang: str) -> List[str]:
@@ -286,11 +288,17 @@ class World:
             yield {"text": "\n".join(lines) if rng.random() < 0.3 else " ".join(lines)}
 
     def sft_records(self, n, rng):
+        """Chat records: seen questions, reading exercises (READING_SHARE of the turns), a few greetings, and
+        (TOOL_SHARE of the records) a conversation that calls the calculator tool."""
+        from minimind.demo import tools
         chats = [("Hello!", "Hello! Ask me about the people, cities and sums of this little world."),
                  ("Who are you?", "I am MiniMind, a small language model trained on a tiny invented world."),
                  ("你好！", "你好！你可以问我这个小世界里的人物、城市和加法。"),
                  ("你是谁？", "我是MiniMind，一个在小小的虚构世界上训练的语言模型。")]
         for _ in range(n):
+            if rng.random() < TOOL_SHARE:
+                yield tools.sft_record(rng)
+                continue
             turns = []
             for _ in range(rng.choice([1, 1, 1, 2, 3])):
                 r = rng.random()
@@ -341,6 +349,19 @@ class World:
                 user = item.question
             yield {"conversations": [{"role": "user", "content": user},
                                      {"role": "assistant", "content": self._reasoning(item)}]}
+
+    def grpo_records(self, n, rng):
+        """Verifiable prompts for GRPO's `answer` reward: a seen question or (GRPO_READING_SHARE) a reading exercise,
+        with the canonical answer sentence in `answer` (never a held-out fact)."""
+        for _ in range(n):
+            if rng.random() < GRPO_READING_SHARE:
+                item = self.context_item(rng)
+                user = reading_prompt(item)
+            else:
+                item = self._seen_item(rng)
+                user = item.question
+            yield {"conversations": [{"role": "user", "content": user},
+                                     {"role": "assistant", "content": item.answers[0]}], "answer": item.answers[0]}
 
     @staticmethod
     def _reasoning(item: QuizItem) -> str:

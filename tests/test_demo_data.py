@@ -1,6 +1,7 @@
 """The bundled demo data: deterministic, valid in every format, bilingual, with a quiz that is really held out."""
 import filecmp
 import json
+import random
 import re
 
 import pytest
@@ -10,7 +11,7 @@ from minimind.config import MiniMindConfig
 from minimind.data import build_loader
 from minimind.demo import evaluate, write_demo_data
 from minimind.demo.quiz import reasoning_prompts
-from minimind.demo.world import CITIES, COLOURS, MAX_ADDEND, World
+from minimind.demo.world import CITIES, COLOURS, MAX_ADDEND, N_RL_PEOPLE, N_RL_SUMS, TOOL_SHARE, World
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from tests.train_helpers import QUIZ_MARGIN, short_pretrain  # noqa: F401  (fixture)
@@ -196,21 +197,20 @@ def test_exact_match_scores_generated_replies(demo, monkeypatch):
 
 
 def test_grpo_prompts_are_verifiable_and_never_held_out(demo):
-    """Every GRPO record's `answer` is its canonical answer sentence: a seen fact, or a reading exercise's one-off
-    fact that its own prompt states."""
+    """GRPO asks only about the rl part of the world, with the canonical answer sentence in `answer`; no other
+    training file asks those questions, and neither part overlaps the seen or held-out ones."""
     world = World()
-    truth = {item.question: item.answers[0] for item in world.quiz(held_out=False)}
-    held_out_facts = {item.answers[0] for item in world.quiz()}
-    rs, reading = records(demo["grpo"]), 0
+    rl = {item.question: item.answers[0] for item in world.items(False, random.Random(0), rl=True)}
+    assert len(rl) == 2 * (2 * N_RL_PEOPLE + N_RL_SUMS)  # 2 languages; colour and city
+    others = {item.question for held_out in (True, False) for item in world.quiz(held_out)}
+    assert not set(rl) & others
+    rs = records(demo["grpo"])
     for r in rs:
-        prompt, answer = r["conversations"][0]["content"], r["answer"]
-        assert r["conversations"][1]["content"] == answer and answer not in held_out_facts
-        if prompt in truth:
-            assert truth[prompt] == answer
-        else:
-            reading += 1
-            assert prompt.startswith(answer), r
-    assert 0.3 < reading / len(rs) < 0.7
+        assert rl[r["conversations"][0]["content"]] == r["answer"] == r["conversations"][1]["content"]
+    assert len({r["answer"] for r in rs}) == len(rl)
+    corpus = "".join(demo[k].read_text(encoding="utf-8") for k in ("pretrain", "sft", "dpo", "reason"))
+    for q in rl:
+        assert not re.search(r"(?<!\d)" + re.escape(q), corpus), q
 
 
 def test_tool_conversations_in_sft(demo):
@@ -229,7 +229,7 @@ def test_tool_conversations_in_sft(demo):
         assert (a, b) not in tools.EVAL_PAIRS and tools.check_call(conv[2]["content"], a, b) == (True, {"a": a, "b": b})
         assert conv[3]["content"] == f"<tool_response>\n{a + b}\n</tool_response>"
         assert conv[4]["content"] in (f"{a} plus {b} equals {a + b}.", f"{a}加{b}等于{a + b}。")
-    assert 0.08 < calls / len(records(demo["sft"])) < 0.25
+    assert abs(calls / len(records(demo["sft"])) - TOOL_SHARE) < 0.05
 
 
 def test_tool_calls_are_checked():

@@ -53,7 +53,7 @@ PIPELINE = [
                         "--warmup_iters", "5", "--template_weight", "1", "--from_weight", "rlhf"]),
     (grpo, "grpo", ["--epochs", "1", "--batch_size", "8", "--num_generations", "6", "--max_seq_len", "96",
                     "--max_gen_len", "24", "--temperature", "1.0", "--reward", "answer", "--loss_type", "cispo",
-                    "--beta", "0.04", "--learning_rate", "1e-4", "--from_weight", "rlhf"]),
+                    "--beta", "0.1", "--learning_rate", "1e-4", "--from_weight", "rlhf"]),
 ]
 QUICK_STEPS = 3
 

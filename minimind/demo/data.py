@@ -19,7 +19,7 @@ from typing import Dict
 
 from minimind.demo.world import SEED, World
 
-SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 1500, "reason": 1500, "grpo": 800}  # records; pretrain is ~0.4M tokens
+SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 1500, "reason": 1500, "grpo": 480}  # records; pretrain is ~0.4M tokens
 
 
 def _write(path: Path, records) -> None:

@@ -1,7 +1,7 @@
 """The demo world's calculator tool: SFT conversations that call it, and the measure of a model's use of it.
 
 A conversation that declares the tool (minimind-3's layout: the tool list inside <tools></tools> in the system turn)
-asks a sum of two numbers below 100, which no fact of the world states; the assistant calls the tool, the tool's
+asks a sum of two numbers below 100 (one above 6), which no fact of the world states; the assistant calls the tool, the tool's
 result comes back, and the assistant answers with the sum's canonical sentence:
 
     system     <tools>\\n{"name": "add", "arguments": ["a", "b"]}\\n</tools>
@@ -80,10 +80,12 @@ def chatml(messages: List[dict]) -> List[dict]:
 
 
 def training_pair(rng):
-    """(a, b) of a training conversation: both below 100, never one of EVAL_PAIRS."""
+    """(a, b) of a training conversation: both below 100, one above the world's MAX_ADDEND (so that no question
+    of the world's own sums, seen or held out, is ever asked with the tool), never one of EVAL_PAIRS."""
+    from minimind.demo.world import MAX_ADDEND
     while True:
         a, b = rng.randrange(MAX_OPERAND + 1), rng.randrange(MAX_OPERAND + 1)
-        if (a, b) not in EVAL_PAIRS:
+        if max(a, b) > MAX_ADDEND and (a, b) not in EVAL_PAIRS:
             return a, b
 
 

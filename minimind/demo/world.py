@@ -4,7 +4,8 @@ The world (English and Chinese): 12 people, each with a favourite colour (8 colo
 cities), plus the sums a + b for 0 <= a, b <= 6. Pretraining text states every fact, half of the time in its
 canonical sentence ("Liyan likes red.", "叶嘉住在瓦伦堡。", "3 plus 4 equals 7.") and otherwise in other phrasings,
 and also holds question/answer lines ("Question: ... Answer: ...") for the *seen* part; SFT, DPO and reasoning data
-ask about the seen part only. Every answer restates the fact's canonical sentence, so answering a question is
+ask about the seen part only, GRPO's prompts only about the *rl* part (2 people and 8 sums, World.rl_items): facts
+pretraining states but that no other training data asks about, like the held-out ones. Every answer restates the fact's canonical sentence, so answering a question is
 "copy the name from the question, then recall what the pretraining text said after it". The held-out part is 4 of
 the people and 10 of the 49 sums: their facts appear in the pretraining statements, but no question about their
 colour, city or sum appears anywhere in the training data. The quiz asks exactly those held-out questions; its
@@ -41,13 +42,13 @@ ZH_PLACE = "石桥溪谷松岭云湖沙湾梅村风渡青岗红泉白塘金滩�
 
 _LANG = {"en": 0, "zh": 1}  # index of a language in the (English, Chinese) pairs above
 N_PEOPLE, N_HELD_OUT_PEOPLE, N_HELD_OUT_SUMS = 12, 4, 10
+N_RL_PEOPLE, N_RL_SUMS = 2, 8  # facts only GRPO asks about (World.rl_items): neither seen nor held out
 MAX_ADDEND = 6  # sums a + b with 0 <= a, b <= MAX_ADDEND
 NUM_CANDIDATES = 4
 READING = 0.5  # share of pretraining documents that state a one-off fact and later ask about it
 DPO_WRONG_SUBJECT = 0.5  # share of DPO pairs whose rejected answer is about another subject (World.wrong_subject)
 READING_SHARE = 0.3  # share of SFT and reasoning questions that are reading exercises (reading_prompt)
-TOOL_SHARE = 0.15  # share of SFT records that call the calculator tool (minimind.demo.tools)
-GRPO_READING_SHARE = 0.5  # share of GRPO prompts that are reading exercises; the others are seen questions
+TOOL_SHARE = 0.3  # share of SFT records that call the calculator tool (minimind.demo.tools)
 
 
 def colour_sentences(p: "Person", colour: int, lang: str) -> List[str]:
@@ -109,6 +110,7 @@ class Person:
     colour: int  # index into COLOURS
     city: int  # index into CITIES
     held_out: bool
+    rl: bool = False  # asked about only by GRPO's prompts
 
 
 @dataclass
@@ -143,8 +145,13 @@ class World:
         self.sums = [(a, b) for a in range(MAX_ADDEND + 1) for b in range(MAX_ADDEND + 1)]
         held = set(rng.sample(self.sums, N_HELD_OUT_SUMS))
         self.held_out_sums = sorted(held)
-        self.seen_sums = [s for s in self.sums if s not in held]
-        self.seen_people = [p for p in self.people if not p.held_out]
+        rl_sums = set(random.Random(seed + 7).sample([s for s in self.sums if s not in held], N_RL_SUMS))
+        self.rl_sums = sorted(rl_sums)
+        self.seen_sums = [s for s in self.sums if s not in held and s not in rl_sums]
+        for p in self.people[N_PEOPLE - N_HELD_OUT_PEOPLE - N_RL_PEOPLE:N_PEOPLE - N_HELD_OUT_PEOPLE]:
+            p.rl = True
+        self.seen_people = [p for p in self.people if not p.held_out and not p.rl]
+        self.rl_people = [p for p in self.people if p.rl]
         self.held_out_people = [p for p in self.people if p.held_out]
         self.names = names_en | names_zh  # the people's names, both languages
         self.minor_places = self._minor_places(rng, 6000, self.names)
@@ -190,9 +197,10 @@ class World:
         return QuizItem(category, lang, question, text_prompt(question, lang), answers,
                         [text_answer(a, lang) for a in answers], value, subject, phrasings or answers[:1], operands)
 
-    def items(self, held_out: bool, rng) -> List[QuizItem]:
-        people = self.held_out_people if held_out else self.seen_people
-        sums = self.held_out_sums if held_out else self.seen_sums
+    def items(self, held_out: bool, rng, rl: bool = False) -> List[QuizItem]:
+        """Every question of a split: held out, seen, or (rl) GRPO's."""
+        people = self.rl_people if rl else self.held_out_people if held_out else self.seen_people
+        sums = self.rl_sums if rl else self.held_out_sums if held_out else self.seen_sums
         out = []
         for lang in ("en", "zh"):
             for p in people:
@@ -351,15 +359,14 @@ class World:
                                      {"role": "assistant", "content": self._reasoning(item)}]}
 
     def grpo_records(self, n, rng):
-        """Verifiable prompts for GRPO's `answer` reward: a seen question or (GRPO_READING_SHARE) a reading exercise,
-        with the canonical answer sentence in `answer` (never a held-out fact)."""
+        """Verifiable prompts for GRPO's `answer` reward, with the canonical answer sentence in `answer`: questions
+        about the rl part of the world (World.rl_items), whose facts pretraining states but no other training data
+        asks about; the policy has to learn to answer about subjects SFT never asked about, as for the held-out
+        quiz, whose facts GRPO never sees."""
+        items = self.items(False, random.Random(SEED + 2), rl=True)
         for _ in range(n):
-            if rng.random() < GRPO_READING_SHARE:
-                item = self.context_item(rng)
-                user = reading_prompt(item)
-            else:
-                item = self._seen_item(rng)
-                user = item.question
+            item = rng.choice(items)
+            user = item.question
             yield {"conversations": [{"role": "user", "content": user},
                                      {"role": "assistant", "content": item.answers[0]}], "answer": item.answers[0]}
 

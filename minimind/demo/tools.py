@@ -1,14 +1,14 @@
 """The demo world's calculator tool: SFT conversations that call it, and the measure of a model's use of it.
 
 A conversation that declares the tool (minimind-3's layout: the tool list inside <tools></tools> in the system turn)
-asks a sum of two numbers below 100 (one above 6), which no fact of the world states; the assistant calls the tool, the tool's
+asks a sum of two numbers below 20 (one above 6), which no fact of the world states; the assistant calls the tool, the tool's
 result comes back, and the assistant answers with the sum's canonical sentence:
 
     system     <tools>\\n{"name": "add", "arguments": ["a", "b"]}\\n</tools>
-    user       What is 37 plus 58?
-    assistant  <tool_call>\\n{"name": "add", "arguments": {"a": 37, "b": 58}}\\n</tool_call>
-    user       <tool_response>\\n95\\n</tool_response>
-    assistant  37 plus 58 equals 95.
+    user       What is 15 plus 3?
+    assistant  <tool_call>\\n{"name": "add", "arguments": {"a": 15, "b": 3}}\\n</tool_call>
+    user       <tool_response>\\n18\\n</tool_response>
+    assistant  15 plus 3 equals 18.
 
 The demo's tokenizer speaks MiniMind2's ChatML, whose template has no tools (minimind.chat_template): `chatml`
 writes the tool turns into it the way minimind-3's template lays them out (the call block from the template's own
@@ -29,9 +29,9 @@ from minimind.chat_template import END_TOOL_RESPONSE, TOOL_RESPONSE, parse_tool_
 
 TOOL_NAME = "add"
 TOOLS_SYSTEM = '<tools>\n{"name": "add", "arguments": ["a", "b"]}\n</tools>'
-MAX_OPERAND = 99
-EVAL_PAIRS = [(37, 58), (12, 79), (64, 27), (8, 91), (45, 45), (73, 19), (26, 63), (90, 9), (51, 38), (19, 84),
-              (66, 0), (3, 77)]
+MAX_OPERAND = 19  # small numbers: copying one of ~20 number tokens is what this model learns in one SFT stage
+EVAL_PAIRS = [(7, 12), (15, 3), (9, 9), (18, 11), (2, 17), (13, 8), (10, 14), (19, 5), (11, 0), (16, 16), (4, 13),
+              (8, 19)]
 CALL_TOKENS = 64  # the call block is ~58 tokens with the bundled tokenizer
 ANSWER_TOKENS = 24
 
@@ -80,7 +80,7 @@ def chatml(messages: List[dict]) -> List[dict]:
 
 
 def training_pair(rng):
-    """(a, b) of a training conversation: both below 100, one above the world's MAX_ADDEND (so that no question
+    """(a, b) of a training conversation: both below 20, one above the world's MAX_ADDEND (so that no question
     of the world's own sums, seen or held out, is ever asked with the tool), never one of EVAL_PAIRS."""
     from minimind.demo.world import MAX_ADDEND
     while True:

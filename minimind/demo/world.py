@@ -48,7 +48,7 @@ NUM_CANDIDATES = 4
 READING = 0.5  # share of pretraining documents that state a one-off fact and later ask about it
 DPO_WRONG_SUBJECT = 0.5  # share of DPO pairs whose rejected answer is about another subject (World.wrong_subject)
 READING_SHARE = 0.3  # share of SFT and reasoning questions that are reading exercises (reading_prompt)
-TOOL_SHARE = 0.3  # share of SFT records that call the calculator tool (minimind.demo.tools)
+TOOL_SHARE = 0.25  # share of SFT records that call the calculator tool (minimind.demo.tools)
 
 
 def colour_sentences(p: "Person", colour: int, lang: str) -> List[str]:

@@ -253,7 +253,7 @@ def test_tool_use_scores_calls_then_answers(monkeypatch):
     cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     model, tok = MiniMindForCausalLM(cfg), load_tokenizer()
     r = tools.tool_use(model, tok)
-    assert r["n"] == 2 * len(tools.EVAL_PAIRS) and r["valid_calls"] == 0.0 == r["right_answers"]
+    assert r["n"] == 2 * len(tools.EVAL_PAIRS) and r["well_formed_calls"] == r["valid_calls"] == 0.0 == r["right_answers"]
     seen_prompts = []
 
     def stand_in(model, tok, prompts, device, max_new_tokens):
@@ -270,5 +270,5 @@ def test_tool_use_scores_calls_then_answers(monkeypatch):
         return out
     monkeypatch.setattr(answers, "greedy_replies", stand_in)
     r = tools.tool_use(model, tok)
-    assert r["valid_calls"] == 1.0 and 0 < r["right_answers"] <= 0.5
+    assert r["well_formed_calls"] == r["valid_calls"] == 1.0 and 0 < r["right_answers"] <= 0.5
     assert all(t.startswith(f"<|im_start|>system\n{tools.TOOLS_SYSTEM}<|im_end|>") for t in seen_prompts)

@@ -113,8 +113,9 @@ def _prompt(tokenizer, messages) -> List[int]:
 
 @torch.no_grad()
 def tool_use(model, tokenizer, device="cpu") -> dict:
-    """The model's use of the calculator on EVAL_PAIRS in both languages (greedy): {"n", "valid_calls" (share),
-    "right_answers" (share), "replies" [(question, first reply, final reply, valid, right)]}."""
+    """The model's use of the calculator on EVAL_PAIRS in both languages (greedy): {"n", "well_formed_calls" (share
+    of first replies that call the tool in a block that parses, whatever the numbers), "valid_calls" (and with the
+    question's numbers), "right_answers", "replies" [(question, first reply, final reply, valid, right)]}."""
     from minimind.demo.answers import greedy_replies
     items = [(a, b, lang) for lang in ("en", "zh") for a, b in EVAL_PAIRS]
     first_turns = [[{"role": "system", "content": TOOLS_SYSTEM}, {"role": "user", "content": question(a, b, lang)}]
@@ -136,5 +137,5 @@ def tool_use(model, tokenizer, device="cpu") -> dict:
         right = valid and (final == answer(a, b, lang) or final.rstrip(".。") == str(a + b))
         rows.append((question(a, b, lang), first, second, valid, right))
     n = len(rows)
-    return {"n": n, "valid_calls": sum(r[3] for r in rows) / n, "right_answers": sum(r[4] for r in rows) / n,
+    return {"n": n, "well_formed_calls": len(called) / n, "valid_calls": sum(r[3] for r in rows) / n, "right_answers": sum(r[4] for r in rows) / n,
             "replies": rows}

@@ -1,4 +1,5 @@
-"""Write the demo data set: pretrain.jsonl, sft.jsonl, dpo.jsonl, reason.jsonl and the held-out eval.jsonl.
+"""Write the demo data set: pretrain.jsonl, sft.jsonl, dpo.jsonl, reason.jsonl, grpo.jsonl (prompts with an `answer`)
+and the held-out eval.jsonl.
 
     python -m minimind.demo.data --out out/demo_data
 
@@ -29,8 +30,8 @@ def _write(path: Path, records) -> None:
 
 
 def write_demo_data(out_dir, sizes: Dict[str, int] = None) -> Dict[str, Path]:
-    """Write the four training files and eval.jsonl into out_dir; returns {"pretrain", "sft", "dpo", "reason",
-    "eval"} -> path. sizes overrides the record counts (e.g. smaller ones for tests)."""
+    """Write the five training files and eval.jsonl into out_dir; returns {"pretrain", "sft", "dpo", "reason",
+    "grpo", "eval"} -> path. sizes overrides the record counts (e.g. smaller ones for tests)."""
     sizes = {**SIZES, **(sizes or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

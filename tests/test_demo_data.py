@@ -11,7 +11,8 @@ from minimind.config import MiniMindConfig
 from minimind.data import build_loader
 from minimind.demo import evaluate, write_demo_data
 from minimind.demo.quiz import reasoning_prompts
-from minimind.demo.world import CITIES, COLOURS, MAX_ADDEND, N_RL_PEOPLE, N_RL_SUMS, TOOL_SHARE, World
+from minimind.demo.world import (CITIES, COLOURS, MAX_ADDEND, N_RL_PEOPLE, N_RL_SUMS,
+                                 TOOL_SHARE, World)
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from tests.train_helpers import QUIZ_MARGIN, short_pretrain  # noqa: F401  (fixture)
@@ -226,7 +227,8 @@ def test_tool_conversations_in_sft(demo):
         calls += 1
         assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
         a, b = map(int, re.findall(r"\d+", conv[1]["content"]))
-        assert (a, b) not in tools.EVAL_PAIRS and tools.check_call(conv[2]["content"], a, b) == (True, {"a": a, "b": b})
+        assert (a, b) not in tools.EVAL_PAIRS
+        assert tools.check_call(conv[2]["content"], a, b) == (True, {"a": a, "b": b})
         assert conv[3]["content"] == f"<tool_response>\n{a + b}\n</tool_response>"
         assert conv[4]["content"] in (f"{a} plus {b} equals {a + b}.", f"{a}加{b}等于{a + b}。")
     assert abs(calls / len(records(demo["sft"])) - TOOL_SHARE) < 0.05
@@ -253,7 +255,8 @@ def test_tool_use_scores_calls_then_answers(monkeypatch):
     cfg = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     model, tok = MiniMindForCausalLM(cfg), load_tokenizer()
     r = tools.tool_use(model, tok)
-    assert r["n"] == 2 * len(tools.EVAL_PAIRS) and r["well_formed_calls"] == r["valid_calls"] == 0.0 == r["right_answers"]
+    assert r["n"] == 2 * len(tools.EVAL_PAIRS)
+    assert r["well_formed_calls"] == r["valid_calls"] == 0.0 == r["right_answers"]
     seen_prompts = []
 
     def stand_in(model, tok, prompts, device, max_new_tokens):

@@ -19,7 +19,7 @@ replies open with <think>, it is also scored inside the template (the model writ
 answers are ranked after <answer>: the "in template" line). Each stage is the real one (`train.<stage>.main`), so
 the checkpoints it leaves in out/ are MiniMind2-format weight files: pretrain_128.pth, full_sft_128.pth,
 rlhf_128.pth, reason_128.pth, grpo_128.pth. GRPO starts from the DPO model (rlhf) with the `answer` reward on
-questions about a part of the world only its prompts ask about (minimind.demo.world.World.rl_items); its row
+questions about a part of the world only its prompts ask about (minimind.demo.world.World.items(rl=True)); its row
 against the DPO row shows what it did to the held-out answers.
 """
 import argparse
@@ -133,8 +133,9 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_
           f"{scores['answer_seen_accuracy']:.1%} (n={scores['answer_seen_n']})")
     if "tool_n" in scores:
         q, call, final, _, _ = scores["tool_example"]
-        print(f"   calculator tool (sums no training conversation asks): well-formed calls {scores['tool_well_formed']:.1%}, "
-              f"with the right numbers {scores['tool_valid_calls']:.1%}, right final answers "
+        print(f"   calculator tool (sums no training conversation asks): well-formed calls "
+              f"{scores['tool_well_formed']:.1%}, with the right numbers {scores['tool_valid_calls']:.1%}, "
+              f"right final answers "
               f"{scores['tool_right_answers']:.1%} (n={scores['tool_n']})\n"
               f"   Q: {q}\n   A: {call!r}\n   (tool) -> A: {final!r}")
     for lang, reply in replies.items():

@@ -1,8 +1,8 @@
 """The demo world's calculator tool: SFT conversations that call it, and the measure of a model's use of it.
 
 A conversation that declares the tool (minimind-3's layout: the tool list inside <tools></tools> in the system turn)
-asks a sum of two numbers below 20 (one above 6), which no fact of the world states; the assistant calls the tool, the tool's
-result comes back, and the assistant answers with the sum's canonical sentence:
+asks a sum of two numbers below 20 (one above 6), which no fact of the world states; the assistant calls the tool,
+the tool's result comes back, and the assistant answers with the sum's canonical sentence:
 
     system     <tools>\\n{"name": "add", "arguments": ["a", "b"]}\\n</tools>
     user       What is 15 plus 3?
@@ -103,8 +103,8 @@ def check_call(reply: str, a: int, b: int):
         return False, None
     args = json.loads(calls[0]["function"]["arguments"])
     ok_types = set(args) == {"a", "b"} and all(isinstance(v, int) and not isinstance(v, bool) for v in args.values())
-    valid = not content.strip() and calls[0]["function"]["name"] == TOOL_NAME and ok_types and args == {"a": a, "b": b}
-    return valid, (args if calls[0]["function"]["name"] == TOOL_NAME and ok_types else None)
+    well_formed = calls[0]["function"]["name"] == TOOL_NAME and ok_types
+    return well_formed and not content.strip() and args == {"a": a, "b": b}, (args if well_formed else None)
 
 
 def _prompt(tokenizer, messages) -> List[int]:
@@ -137,5 +137,6 @@ def tool_use(model, tokenizer, device="cpu") -> dict:
         right = valid and (final == answer(a, b, lang) or final.rstrip(".。") == str(a + b))
         rows.append((question(a, b, lang), first, second, valid, right))
     n = len(rows)
-    return {"n": n, "well_formed_calls": len(called) / n, "valid_calls": sum(r[3] for r in rows) / n, "right_answers": sum(r[4] for r in rows) / n,
+    return {"n": n, "well_formed_calls": len(called) / n, "valid_calls": sum(r[3] for r in rows) / n,
+            "right_answers": sum(r[4] for r in rows) / n,
             "replies": rows}

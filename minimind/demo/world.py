@@ -4,9 +4,10 @@ The world (English and Chinese): 12 people, each with a favourite colour (8 colo
 cities), plus the sums a + b for 0 <= a, b <= 6. Pretraining text states every fact, half of the time in its
 canonical sentence ("Liyan likes red.", "叶嘉住在瓦伦堡。", "3 plus 4 equals 7.") and otherwise in other phrasings,
 and also holds question/answer lines ("Question: ... Answer: ...") for the *seen* part; SFT, DPO and reasoning data
-ask about the seen part only, GRPO's prompts only about the *rl* part (2 people and 8 sums, World.rl_items): facts
-pretraining states but that no other training data asks about, like the held-out ones. Every answer restates the fact's canonical sentence, so answering a question is
-"copy the name from the question, then recall what the pretraining text said after it". The held-out part is 4 of
+ask about the seen part only, GRPO's prompts only about the *rl* part (2 people and 8 sums, World.items(rl=True)):
+facts pretraining states but that no other training data asks about, like the held-out ones. Every answer restates
+the fact's canonical sentence, so answering a question is "copy the name from the question, then recall what the
+pretraining text said after it". The held-out part is 4 of
 the people and 10 of the 49 sums: their facts appear in the pretraining statements, but no question about their
 colour, city or sum appears anywhere in the training data. The quiz asks exactly those held-out questions; its
 candidate answers are the canonical sentence with the true value or a wrong one of the same kind, so passing it
@@ -42,7 +43,7 @@ ZH_PLACE = "石桥溪谷松岭云湖沙湾梅村风渡青岗红泉白塘金滩�
 
 _LANG = {"en": 0, "zh": 1}  # index of a language in the (English, Chinese) pairs above
 N_PEOPLE, N_HELD_OUT_PEOPLE, N_HELD_OUT_SUMS = 12, 4, 10
-N_RL_PEOPLE, N_RL_SUMS = 2, 8  # facts only GRPO asks about (World.rl_items): neither seen nor held out
+N_RL_PEOPLE, N_RL_SUMS = 2, 8  # facts only GRPO asks about (World.items(rl=True)): neither seen nor held out
 MAX_ADDEND = 6  # sums a + b with 0 <= a, b <= MAX_ADDEND
 NUM_CANDIDATES = 4
 READING = 0.5  # share of pretraining documents that state a one-off fact and later ask about it
@@ -360,7 +361,7 @@ class World:
 
     def grpo_records(self, n, rng):
         """Verifiable prompts for GRPO's `answer` reward, with the canonical answer sentence in `answer`: questions
-        about the rl part of the world (World.rl_items), whose facts pretraining states but no other training data
+        about the rl part of the world (items(rl=True)), whose facts pretraining states but no other training data
         asks about; the policy has to learn to answer about subjects SFT never asked about, as for the held-out
         quiz, whose facts GRPO never sees."""
         items = self.items(False, random.Random(SEED + 2), rl=True)

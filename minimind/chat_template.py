@@ -21,9 +21,12 @@ The spans are byte ranges [start, end) of each assistant turn's target: from aft
 tool_calls (a list of {"name", "arguments"} or {"type": "function", "function": {...}}; arguments an object or a
 JSON string). A reply of the model is read back with
 
-    split_thinking(text, thinking_open=False) -> (reasoning, answer)
-    parse_tool_calls(text) -> (content, tool_calls (OpenAI style), invalid blocks)
-    parse_reply(text, thinking_open=False) -> Reply    both; Reply.message() renders back to the same text
+    ReplyReader(thinking_open=False, think_tags=True, tool_calls=True)   .feed(piece) / .close() -> events, as
+        the reply streams in: ("reasoning", text), ("content", text), ("tool_call", OpenAI tool call)
+    parse_reply(text, thinking_open=False, ...) -> Reply    the same on a whole reply; Reply.message() renders back
+        to the same text
+    split_thinking(text, thinking_open=False) -> (reasoning, answer);  parse_tool_calls(text) -> (content, calls,
+        invalid blocks)
 """
 import json
 import re
@@ -310,44 +313,132 @@ def render(fmt: ChatFormat, messages: Sequence[dict], tools=None, add_generation
 
 # ---------------------------------------------------------------------------------------------- reading a reply
 
-_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL) + r"(.*?)" + re.escape(END_TOOL_CALL), re.DOTALL)
-
-
-def split_thinking(text: str, thinking_open: bool = False) -> Tuple[str, str]:
-    """(reasoning, answer) of a generated reply, split as the template splits a content with `</think>`: reasoning
-    before the first `</think>` (after any `<think>`, newlines stripped), answer after the last (leading newlines
-    dropped). With no `</think>`: a reply cut short inside its thinking (the prompt opened it: thinking_open, or
-    the reply starts with `<think>`) is all reasoning; any other is all answer."""
-    if END_THINK in text:
-        return (text.split(END_THINK)[0].split(THINK)[-1].strip("\n"), text.split(END_THINK)[-1].lstrip("\n"))
-    if thinking_open or text.lstrip("\n").startswith(THINK):
-        return text.split(THINK)[-1].strip("\n"), ""
-    return "", text
-
-
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parse_tool_calls(text: str, make_id: Callable[[], str] = new_call_id):
-    """(content, tool_calls, invalid) of an answer: each `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-    block that parses becomes an OpenAI tool call {"id", "type": "function", "function": {"name", "arguments":
-    JSON string}} and leaves the content; a block that does not parse (bad JSON, no string "name", arguments not
-    an object, or a `<tool_call>` never closed) stays in the content and its text is listed in `invalid`."""
-    calls, invalid, kept, pos = [], [], [], 0
-    for m in _TOOL_CALL_RE.finditer(text):
-        call = _parse_call(m.group(1))
+def _held(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that may be the start of `tag` (a proper prefix of it)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ReplyReader:
+    """Reads a generated reply as it streams in: feed(piece) returns what the text so far makes certain, close()
+    the rest; joined, the events are the same whatever the pieces (parse_reply reads a whole text with one).
+
+    Events are (kind, value): ("reasoning", text), ("content", text), ("tool_call", {"id", "type": "function",
+    "function": {"name", "arguments": JSON string}}). Text that may still turn out to be (part of) a tag, and newlines
+    that a tag would swallow, wait until they are decided. The rules (the inverse of minimind-3's template):
+
+      thinking   thinking_open (the prompt ended with `<think>\\n`): the reply starts in its reasoning; else a
+                 reply that starts (after newlines) with `<think>` does; any other reply has no reasoning. The
+                 reasoning runs to the first `</think>` (to the end if there is none: a reply cut short), newlines
+                 stripped at both ends; the answer is what follows, leading newlines dropped. think_tags=False
+                 (MiniMind2's format): no thinking, all is answer.
+      tool calls each `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block of the answer that parses
+                 (JSON object, a string "name", arguments an object or a JSON string of one) becomes a tool call and
+                 leaves the content with the newlines on either side of it; a block that does not parse, or a
+                 `<tool_call>` never closed, stays in the content and is listed in `invalid`.
+                 tool_calls=False: no blocks are read.
+    """
+
+    def __init__(self, thinking_open: bool = False, think_tags: bool = True, tool_calls: bool = True,
+                 make_id: Callable[[], str] = new_call_id):
+        self.state = "content" if not think_tags else "reasoning" if thinking_open else "start"
+        self.read_calls, self.make_id = tool_calls, make_id
+        self.buf = ""  # text not yet decided
+        self.strip = self.state == "reasoning"  # drop the newlines that open the current part
+        self.calls: List[dict] = []
+        self.invalid: List[str] = []
+
+    def feed(self, piece: str) -> List[tuple]:
+        self.buf += piece
+        return self._run(final=False)
+
+    def close(self) -> List[tuple]:
+        """The events of the text held back (the reply is complete)."""
+        return self._run(final=True)
+
+    def _run(self, final: bool) -> List[tuple]:
+        out = []
+        while getattr(self, "_" + self.state)(out, final):
+            pass
+        merged = []
+        for kind, value in out:
+            if merged and kind != "tool_call" and merged[-1][0] == kind:
+                merged[-1] = (kind, merged[-1][1] + value)
+            elif value or kind == "tool_call":
+                merged.append((kind, value))
+        return merged
+
+    def _lstrip(self):
+        if self.strip:
+            self.buf = self.buf.lstrip("\n")
+            self.strip = not self.buf
+
+    def _emit_until(self, out, kind, keep: int):
+        """Emit the buffer but its last `keep` characters and the newlines just before them."""
+        body = self.buf[:len(self.buf) - keep].rstrip("\n")
+        out.append((kind, body))
+        self.buf = self.buf[len(body):]
+
+    def _start(self, out, final) -> bool:  # does the reply open with <think>?
+        rest = self.buf.lstrip("\n")
+        if rest.startswith(THINK):
+            self.buf, self.state, self.strip = rest[len(THINK):], "reasoning", True
+            return True
+        if not final and THINK.startswith(rest):  # only newlines, or a part of <think>, so far
+            return False
+        self.state = "content"
+        return True
+
+    def _reasoning(self, out, final) -> bool:
+        self._lstrip()
+        i = self.buf.find(END_THINK)
+        if i >= 0:
+            out.append(("reasoning", self.buf[:i].rstrip("\n")))
+            self.buf, self.state, self.strip = self.buf[i + len(END_THINK):], "content", True
+            return True
+        self._emit_until(out, "reasoning", 0 if final else _held(self.buf, END_THINK))
+        if final:
+            self.buf = ""
+        return False
+
+    def _content(self, out, final) -> bool:
+        self._lstrip()
+        i = self.buf.find(TOOL_CALL) if self.read_calls else -1
+        if i < 0:
+            if final or not self.read_calls:
+                out.append(("content", self.buf))
+                self.buf = ""
+            else:
+                self._emit_until(out, "content", _held(self.buf, TOOL_CALL))
+            return False
+        j = self.buf.find(END_TOOL_CALL, i + len(TOOL_CALL))
+        if j < 0:  # an open block: wait for its end (a reply that ends inside it keeps it as content)
+            if final:
+                self.invalid.append(self.buf[i:])
+                out.append(("content", self.buf))
+                self.buf = ""
+            else:
+                self._emit_until(out, "content", len(self.buf) - i)
+            return False
+        end = j + len(END_TOOL_CALL)
+        call = _parse_call(self.buf[i + len(TOOL_CALL):j])
         if call is None:
-            invalid.append(m.group(0))
-            continue
-        kept.append(text[pos:m.start()])
-        pos = m.end()
-        calls.append({"id": make_id(), "type": "function", "function": call})
-    rest = text[pos:]
-    if TOOL_CALL in rest:
-        invalid.append(rest[rest.index(TOOL_CALL):])
-    content = "".join(kept) + rest
-    return (content.strip("\n") if calls else content), calls, invalid
+            self.invalid.append(self.buf[i:end])
+            out.append(("content", self.buf[:end]))
+        else:
+            out.append(("content", self.buf[:i].rstrip("\n")))
+            call = {"id": self.make_id(), "type": "function", "function": call}
+            self.calls.append(call)
+            out.append(("tool_call", call))
+            self.strip = True
+        self.buf = self.buf[end:]
+        return True
 
 
 def _parse_call(body: str) -> Optional[dict]:
@@ -385,9 +476,32 @@ class Reply:
         return msg
 
 
-def parse_reply(text: str, thinking_open: bool = False, make_id: Callable[[], str] = new_call_id) -> Reply:
-    """split_thinking, then parse_tool_calls on the answer. `text` is the decoded reply after the generation prompt,
-    with `<think>`/`</think>`/`<tool_call>` kept (they are not special tokens in minimind-3's tokenizer)."""
-    reasoning, answer = split_thinking(text, thinking_open)
-    content, calls, invalid = parse_tool_calls(answer, make_id)
-    return Reply(content, reasoning, calls, invalid)
+def read_events(events) -> Reply:
+    """The Reply of a ReplyReader's events (all of them, close() included)."""
+    text = {"reasoning": [], "content": []}
+    calls = []
+    for kind, value in events:
+        calls.append(value) if kind == "tool_call" else text[kind].append(value)
+    return Reply("".join(text["content"]), "".join(text["reasoning"]), calls)
+
+
+def parse_reply(text: str, thinking_open: bool = False, think_tags: bool = True, tool_calls: bool = True,
+                make_id: Callable[[], str] = new_call_id) -> Reply:
+    """The Reply of a whole generated reply (ReplyReader's rules). `text` is the decoded reply after the generation
+    prompt, with `<think>`/`</think>`/`<tool_call>` kept (they are not special tokens in minimind-3's tokenizer)."""
+    reader = ReplyReader(thinking_open, think_tags, tool_calls, make_id)
+    reply = read_events(reader.feed(text) + reader.close())
+    reply.invalid_tool_calls = reader.invalid
+    return reply
+
+
+def split_thinking(text: str, thinking_open: bool = False) -> Tuple[str, str]:
+    """(reasoning, answer) of a generated reply; no tool calls read."""
+    reply = parse_reply(text, thinking_open, tool_calls=False)
+    return reply.reasoning_content, reply.content
+
+
+def parse_tool_calls(text: str, make_id: Callable[[], str] = new_call_id):
+    """(content, tool_calls (OpenAI style), invalid blocks) of an answer (no thinking read)."""
+    reply = parse_reply(text, think_tags=False, make_id=make_id)
+    return reply.content, reply.tool_calls, reply.invalid_tool_calls

@@ -1,7 +1,11 @@
-"""Multiple-choice benchmarks (C-Eval, CMMLU and the like) on a weight file, MoE models included.
+"""Multiple-choice benchmarks (C-Eval, CMMLU and the like) on a weight file, MoE models included; and, with
+--toolcall, the tool-call eval (minimind/toolcall_eval.py: tasks solved with mock tools, scored for valid calls and
+the right final answer; a minimind-3 tokenizer).
 
     python -m minimind.evaluate full_sft --data ceval/val/            # every .csv / .jsonl in the folder
     python -m minimind.evaluate out/full_sft_512.pth --data cmmlu/test/anatomy.csv --template chat
+    python -m minimind.evaluate full_sft --toolcall                   # the bundled tasks and mock tools
+    python -m minimind.evaluate full_sft --toolcall --tasks my_tasks.jsonl --tools my_tools.py --think on
 
 Each item is a question with four options A-D and the letter of the right one. Files: CSV with a header (C-Eval:
 id,question,A,B,C,D,answer; CMMLU: ,Question,A,B,C,D,Answer; column names are matched without case) or JSON
@@ -91,16 +95,30 @@ def evaluate(model, tokenizer, items: List[dict], template: str = "plain", batch
 
 
 def main(argv=None):
-    from minimind.chat import add_model_args, open_model
+    from minimind.chat import add_model_args, add_sampling_args, number_at_least, open_model
     p = argparse.ArgumentParser(prog="python -m minimind.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--data", required=True, help="a .csv / .jsonl file, or a folder of them (one per subject)")
+    p.add_argument("--data", default=None, help="a .csv / .jsonl file, or a folder of them (one per subject)")
     p.add_argument("--template", choices=("plain", "chat"), default="plain",
                    help="plain: the harness's C-Eval prompt as text; chat: the same prompt as a user turn")
-    p.add_argument("--batch_size", type=int, default=16, help="questions scored at once (default %(default)s)")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="questions scored (or conversations generated) at once (default %(default)s)")
     p.add_argument("--out", default=None, help="write the scores as JSON here")
+    t = p.add_argument_group("the tool-call eval")
+    t.add_argument("--toolcall", action="store_true", help="run the tool-call eval instead of --data")
+    t.add_argument("--tasks", default=None, help="its task file (default: the bundled one)")
+    t.add_argument("--tools", default=None, help="the Python file of its mock tools (default: the bundled one)")
+    t.add_argument("--think", choices=("on", "off"), default="off", help="think before each reply")
+    t.add_argument("--max_tool_rounds", type=number_at_least(int, 0), default=3,
+                   help="rounds of tool calls answered per task (default %(default)s)")
+    add_sampling_args(t)
+    p.set_defaults(temperature=0.0, seed=0)  # greedy: the same scores every run
     args = p.parse_args(argv)
+    if args.toolcall == (args.data is not None):
+        p.error("give --data (multiple choice) or --toolcall (the tool-call eval)")
+    if args.toolcall:
+        return toolcall_main(p, args)
     data = Path(args.data)
     files = sorted(f for f in data.iterdir() if f.suffix in (".csv", ".jsonl")) if data.is_dir() else [data]
     try:
@@ -122,6 +140,26 @@ def main(argv=None):
     if args.out:
         Path(args.out).write_text(json.dumps({"weights": str(path), "template": args.template, "overall": overall,
                                               "n": total, "subjects": scores}, indent=1, ensure_ascii=False))
+
+
+def toolcall_main(p, args):
+    """The tool-call eval (minimind/toolcall_eval.py) on the model of the flags."""
+    from minimind.chat import open_model, sampling_config
+    from minimind.tools import Toolbox
+    from minimind.toolcall_eval import DEFAULT_TASKS, DEFAULT_TOOLS, load_tasks, model_completer, report, run_tasks
+    try:
+        toolbox = Toolbox.from_file(args.tools or DEFAULT_TOOLS)
+        tasks = load_tasks(args.tasks or DEFAULT_TASKS, toolbox)
+        cfg = sampling_config(args)
+        model, tokenizer, path = open_model(args)
+        complete = model_completer(model, tokenizer, cfg, args.think == "on", args.seed, args.batch_size)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        p.error(str(e))
+    results = run_tasks(tasks, toolbox, complete, args.max_tool_rounds, args.think == "on")
+    totals = report(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"weights": str(path), "think": args.think, **totals,
+                                              "tasks": results}, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -307,8 +307,9 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _row_seeds(n, generator=None):
-    """n seeds for per-row generators, drawn from generator (None: torch's global one)."""
+def row_seeds(n, generator=None):
+    """n seeds for per-row generators, drawn from generator (None: torch's global one). stream, generate and chat
+    give row b the seed row_seeds(B, generator)[b], and Engine.add(..., seed) takes one."""
     device = generator.device if generator is not None else "cpu"
     return torch.randint(0, 2 ** 62, (n,), generator=generator, device=device).tolist()
 
@@ -353,7 +354,7 @@ def rollout(model, prompts, num_generations: int = 1, cfg: Union["SamplingConfig
     rows = [(list(p), c) for p, c in zip(prompts, cfgs) for _ in range(G)]
     if not rows:
         raise ValueError("rollout needs at least one prompt")
-    seeds = _row_seeds(len(rows), generator) if seeds is None else list(seeds)
+    seeds = row_seeds(len(rows), generator) if seeds is None else list(seeds)
     if len(seeds) != len(rows):
         raise ValueError(f"{len(seeds)} seeds for {len(rows)} rows ({len(prompts)} prompts x {G})")
     model = getattr(model, "module", model)
@@ -407,7 +408,7 @@ def stream(model, input_ids, attention_mask=None, cfg: Optional[SamplingConfig] 
     prompts = [row[m].tolist() for row, m in zip(input_ids, keep)]
     if not all(prompts):
         raise ValueError(f"rows {[b for b, p in enumerate(prompts) if not p]} of attention_mask have no tokens")
-    seeds = _row_seeds(B, generator)
+    seeds = row_seeds(B, generator)
     max_len = min(context, max(len(p) for p in prompts) + cfg.max_new_tokens)
     engine, row_of = Engine(model, B, max_len, cfg.use_cache), {}
     for b, (p, seed) in enumerate(zip(prompts, seeds)):

@@ -1,29 +1,33 @@
-"""The model's own thread: requests wait in a bounded queue, the thread generates them, and each request's text comes
-back to the event loop through its Job.
+"""The model's own thread: requests wait in a bounded queue, the thread generates them together in one batch, and
+each request's text comes back to the event loop through its Job.
 
-    scheduler = Scheduler(model, tokenizer, max_queue=64)
+    scheduler = Scheduler(model, tokenizer, max_queue=64, max_batch=16, max_context=4096)
     job = Job(prompt_ids, sampling, seed=7, stop=["\\n\\n"], deadline=time.monotonic() + 300)
     scheduler.submit(job)            # QueueFull when max_queue jobs are already waiting; Closed after close()
     async for piece in job.pieces(): ...   # then job.finish_reason ("stop" | "length") and job.reply_ids
-    job.cancel()                     # the client went away: out of the queue, or stopped before its next token
+    job.cancel()                     # the client went away: out of the queue, or its row stops before the next step
 
-Only the thread touches the model. The event loop only enqueues and reads: a Job's events cross threads through
-`loop.call_soon_threadsafe`, so a long generation never blocks the server. A Job turns tokens into text itself
-(`push`: bytes of a character split across tokens wait for the rest; a stop sequence ends the reply and is not sent,
-and text that may be the start of one is held back until it is not), so the thread hands it token ids only.
-Today the thread generates one job at a time (`_generate`, on the KV cache via generate.stream); a batched engine
-that admits waiting jobs between steps replaces `_loop` and `_generate` and nothing else.
+Only the thread touches the model. It owns a generation engine (minimind/generate.py: a KV cache of max_batch rows
+of max_context tokens) and loops: drop the rows of cancelled jobs and of jobs past their deadline, move waiting jobs
+into the free rows, then one engine step (one batched forward decodes a token for every running job; the jobs just
+admitted are prefilled and get their first token). So a request joins the running batch between steps and leaves
+it when it ends, and a job samples what it would alone: its own seed, whatever runs beside it.
+The event loop only enqueues and reads: a Job's events cross threads through `loop.call_soon_threadsafe`, so a long
+generation never blocks the server. A Job turns tokens into text itself (`push`: bytes of a character split across
+tokens wait for the rest; a stop sequence ends the reply and is not sent, and text that may be the start of one is
+held back until it is not), so the thread hands it token ids only.
 """
 import asyncio
 import collections
 import math
 import threading
 import time
-from typing import List, Optional, Sequence
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from minimind.generate import SamplingConfig, stream
+from minimind.generate import Engine, SamplingConfig, row_seeds
 
 
 class QueueFull(Exception):
@@ -118,25 +122,30 @@ class Job:
         return "".join([piece async for piece in self.pieces()])
 
     def cancel(self):
-        """Stop this job: it leaves the queue, or the model's thread stops it before its next token."""
+        """Stop this job: it leaves the queue, or the model's thread frees its row before the next step."""
         self.cancelled = True
         if self._scheduler is not None:
             self._scheduler._discard(self)
 
 
 class Scheduler:
-    """Owns the model and its thread; `max_queue` jobs may wait while one is generated."""
+    """Owns the model, its engine and its thread: up to `max_batch` jobs generate together, each in at most
+    `max_context` tokens, prompt and reply (None, or more than the model's context: the model's context), while
+    `max_queue` more wait. The engine's KV cache holds max_batch x max_context tokens from the start."""
 
-    def __init__(self, model, tokenizer, max_queue: int = 64):
+    def __init__(self, model, tokenizer, max_queue: int = 64, max_batch: int = 16, max_context: Optional[int] = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        context = model.config.max_position_embeddings
+        max_context = context if max_context is None else min(max_context, context)
+        self.engine = Engine(model.eval(), max_batch, max_context)  # (it checks both)
         self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
-        self.device = next(model.parameters()).device
-        self.running: Optional[Job] = None
+        self.max_batch, self.max_context, self.device = max_batch, self.engine.max_len, self.engine.device
+        self._running: Dict[int, Tuple[Job, float]] = {}  # engine request -> (its job, when it was admitted)
         self._waiting: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._seconds_per_job = 1.0  # a running average, for Retry-After
+        self._seconds_per_job = 1.0  # a running average from admission to the end, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="minimind-model", daemon=True)
         self._thread.start()
 
@@ -144,13 +153,25 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def running(self) -> List[Job]:
+        """The jobs being generated now (in the engine's batch)."""
+        with self._cond:
+            return [job for job, _ in self._running.values()]
+
+    def kv_cache_bytes(self) -> int:
+        cache = self.engine.cache
+        return cache.k.nbytes + cache.v.nbytes
+
     def check_room(self):
         """Raise QueueFull (or Closed) now if a job submitted now would be refused."""
         with self._cond:
             if self._closed:
                 raise Closed("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(len(self._waiting), max(1, math.ceil(self._seconds_per_job)))
+                # a place in the queue frees when a running job ends: one of len(running) jobs of ~seconds_per_job
+                seconds = self._seconds_per_job / max(1, len(self._running))
+                raise QueueFull(len(self._waiting), max(1, math.ceil(seconds)))
 
     def submit(self, job: Job):
         with self._cond:
@@ -160,15 +181,15 @@ class Scheduler:
             self._cond.notify()
 
     def close(self, timeout: float = 10.0):
-        """Refuse new jobs, fail the waiting ones with Closed, stop the running one, and wait for the thread."""
+        """Refuse new jobs, fail the waiting and the running ones with Closed, and wait for the thread."""
         with self._cond:
             self._closed = True
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            if self.running is not None:
-                self.running.cancelled = True
-                self.running.fail(Closed("the server is shutting down"))
+            jobs = list(self._waiting) + [job for job, _ in self._running.values()]
+            self._waiting = collections.deque()
+            for job in jobs:
+                job.cancelled = True
             self._cond.notify()
-        for job in waiting:
+        for job in jobs:
             job.fail(Closed("the server is shutting down"))
         self._thread.join(timeout)
 
@@ -180,32 +201,72 @@ class Scheduler:
     def _loop(self):
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._running and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self.running = self._waiting.popleft()
-            started = time.monotonic()
+                self._drop_stopped()
+                admitted = [self._waiting.popleft() for _ in range(min(len(self._waiting),
+                                                                       self.max_batch - len(self._running)))]
+            for job in admitted:
+                self._admit(job)
+            if not self._running:
+                continue
             try:
-                self._generate(job)
-            except Exception as e:  # a failure inside the model fails this job, not the thread
-                job.fail(e)
-            finally:
+                events = self.engine.step()
+            except Exception as e:  # a failure inside the model fails the jobs of this step, not the thread
                 with self._cond:
-                    self.running = None
-                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started)
+                    for request, (job, _) in list(self._running.items()):
+                        self._leave(request, cancel=True)
+                        job.fail(e)
+                continue
+            for event in events:
+                entry = self._running.get(event.request)
+                if entry is None:
+                    continue
+                job = entry[0]
+                if job.cancelled:  # (its row is freed before the next step)
+                    continue
+                if job.push(event.token, self.tokenizer):  # its eos, or a stop sequence the engine cannot see
+                    self._leave(event.request, cancel=not event.finished)
+                elif event.finished:
+                    job.end("length")
+                    self._leave(event.request)
 
-    def _generate(self, job: Job):
-        """One job alone, token by token on the KV cache, until eos, a stop sequence, max_new_tokens, the end of
-        the context, or cancellation."""
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
-        generator = None if job.seed is None else torch.Generator(device=self.device).manual_seed(job.seed % 2 ** 64)
-        tokens = stream(self.model, ids, None, job.sampling, generator, eos_token_id=self.tokenizer.eos_id,
-                        pad_token_id=self.tokenizer.pad_id)
-        try:
-            for token in tokens:
-                if job.cancelled or job.push(int(token[0]), self.tokenizer):
-                    return
+    def _drop_stopped(self):
+        """Free the rows of the jobs that were cancelled or ran past their deadline (TimeLimit, which the job's
+        reader also raises by itself at the deadline)."""
+        now = time.monotonic()
+        for request, (job, _) in list(self._running.items()):
+            if job.cancelled or now >= job.deadline:
+                self._leave(request, cancel=True)
+                if not job.cancelled:
+                    job.fail(TimeLimit("the time limit ran out before the reply was done"))
+
+    def _admit(self, job: Job):
+        """Give the job a row at the next step, sampling as `stream` would for it alone: its seed as the chat
+        command's --seed (a generator seeded with it draws the row's seed)."""
+        if job.cancelled:
+            return
+        cfg = replace(job.sampling, eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
+        if cfg.max_new_tokens == 0:
             job.end("length")
-        finally:
-            tokens.close()
+            return
+        seed = None
+        if job.seed is not None:
+            seed = row_seeds(1, torch.Generator(device=self.device).manual_seed(job.seed % 2 ** 64))[0]
+        try:
+            request = self.engine.add(job.prompt_ids, cfg, seed)
+        except Exception as e:  # a prompt the engine cannot take (too long for max_context, an id off the vocab)
+            job.fail(e)
+            return
+        with self._cond:
+            self._running[request] = (job, time.monotonic())
+
+    def _leave(self, request: int, cancel: bool = False):
+        """The job of `request` is over: out of the running set (and its row freed when `cancel`)."""
+        if cancel:
+            self.engine.cancel(request)
+        with self._cond:
+            _, admitted = self._running.pop(request)
+        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - admitted)

@@ -6,10 +6,15 @@
 
 Endpoints:
     GET  /                      the web chat page (minimind/assets/chat.html)
-    GET  /v1/models             the one model served
+    GET  /v1/models             the one model served (its capabilities: "thinking", "tools" for minimind-3's format)
     POST /v1/chat/completions   OpenAI's chat completion, whole or streamed as server-sent events ending with
                                 `data: [DONE]`; minimind/openai_api.py lists the fields used, ignored and refused
     GET  /openapi.json          the API's schema
+
+A model with minimind-3's chat format thinks when asked (chat_template_kwargs.enable_thinking, or reasoning_effort)
+and calls the tools a request offers: the reply's thinking comes back as reasoning_content apart from the content,
+its <tool_call> blocks as OpenAI tool_calls with finish_reason "tool_calls", streamed as deltas of each
+(openai_api.ReplyShaper); the tool results come back as `tool` messages. A MiniMind2 model answers a 400 to both.
 
 Access (safe by default): with --api_key (or MINIMIND_API_KEY in the environment) /v1/ needs
 `Authorization: Bearer KEY`. Browsers on other sites get no CORS access unless --cors_origin names their origin.
@@ -23,7 +28,9 @@ Limits: a body over --max_body_bytes is refused before it is read (Content-Lengt
 --max_queue requests wait for the model (more get 429 with Retry-After); a connection that has not sent a whole
 request head within --keep_alive_timeout seconds, idle or between requests, is closed. Tokenising runs in a thread
 that releases the GIL and generation in the model's own thread (minimind/scheduler.py), so the event loop keeps
-answering; a reply stops being generated when its client goes away, streamed or not.
+answering; a reply stops being generated when its client goes away, streamed or not. Up to --max_batch requests
+decode together, one batched forward per token on a KV cache of --max_batch x --max_context tokens (allocated at
+start); a request joins the batch between tokens, and a conversation must fit --max_context with its reply.
 
 Every failure is a JSON body in OpenAI's error shape, {"error": {"message", "type", "param", "code"}}: 400 a bad
 request (the field named), 401 API key, 404 path, 405 method, 408 body too slow, 411 POST without a length, 413 body
@@ -58,10 +65,10 @@ try:
 except ImportError as e:
     raise ImportError(f"minimind.serve needs FastAPI and uvicorn: pip install 'minimind-triton[serve]' ({e})") from e
 
-from minimind.chat import add_model_args, add_sampling_args, parse_and_open
+from minimind.chat import add_model_args, add_sampling_args, number_at_least, parse_and_open
 from minimind.generate import SamplingConfig
 from minimind.openai_api import (ChatCompletion, ChatCompletionChunk, ChatRequest, ErrorResponse, ModelCard,
-                                 ModelList, RequestError, Usage, stream_event_schema)
+                                 ModelList, ReplyShaper, RequestError, Usage, stream_event_schema)
 from minimind.scheduler import Closed, Job, QueueFull, Scheduler, TimeLimit
 
 CHAT_PAGE = Path(__file__).resolve().parent / "assets" / "chat.html"
@@ -80,6 +87,8 @@ class ServeConfig:
     loopback_only: bool = True  # answer only requests addressed to a loopback name
     max_body_bytes: int = 1 << 20
     max_queue: int = 64
+    max_batch: int = 16  # requests generated together
+    max_context: int = 4096  # tokens of one request, prompt and reply (at most the model's context)
     request_timeout: float = 300.0
     keep_alive_timeout: float = 5.0
 
@@ -272,7 +281,9 @@ def has_body(headers: Headers) -> bool:
 def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
     """The FastAPI application serving `scheduler`'s model (the page, /v1/models, /v1/chat/completions) behind
     the Gate."""
-    tokenizer, context = scheduler.tokenizer, scheduler.model.config.max_position_embeddings
+    tokenizer, context = scheduler.tokenizer, scheduler.max_context
+    capabilities = [c for c, able in (("thinking", tokenizer.supports_thinking), ("tools", tokenizer.supports_tools))
+                    if able]
     errors = {status: {"model": ErrorResponse} for status in (400, 401, 408, 411, 413, 415, 429, 500, 503)}
 
     @contextlib.asynccontextmanager
@@ -320,10 +331,11 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return ModelList(data=[ModelCard(id=cfg.model_name)])
+        return ModelList(data=[ModelCard(id=cfg.model_name, capabilities=capabilities)])
 
-    def encode(messages):  # encode_batch releases the GIL (encode holds it: a 1 MB prompt froze the server)
-        return tokenizer.encode_batch([tokenizer.apply_chat_template(messages, add_generation_prompt=True)])[0]
+    def encode(messages, options):  # encode_batch releases the GIL (encode holds it: a 1 MB prompt froze the server)
+        return tokenizer.encode_batch([tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                     **options)])[0]
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=request_body, responses={
         200: {"content": {"text/event-stream": {"schema": stream_event}},
@@ -335,25 +347,29 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
         try:
             req = ChatRequest.parse(await read_body(request, cfg.max_body_bytes, deadline))
             messages = req.conversation()
+            options = req.template_options(tokenizer.supports_tools, tokenizer.supports_thinking)
         except RequestError as e:
             raise APIError(400, str(e), e.param) from None
         scheduler.check_room()  # refuse before tokenising when the queue is full
-        prompt = await run_in_threadpool(encode, messages)
+        prompt = await run_in_threadpool(encode, messages, options)
         if len(prompt) >= context:
-            raise APIError(400, f"the conversation is {len(prompt)} tokens; the model's context is {context}: "
-                                "send fewer or shorter messages", "messages")
+            raise APIError(400, f"the conversation is {len(prompt)} tokens; the context is {context} (--max_context, "
+                                f"at most the model's {scheduler.model.config.max_position_embeddings}): send fewer "
+                                "or shorter messages", "messages")
         seed = req.seed if req.seed is not None else cfg.seed
         job = Job(prompt, req.sampling(cfg.sampling, cfg.max_tokens_cap), seed, req.stop_sequences(), deadline)
         scheduler.submit(job)
         reply = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=cfg.model_name)
+        shaper = ReplyShaper(req, tokenizer.supports_thinking, options["enable_thinking"])
         if req.stream:
-            return StreamingResponse(stream_events(job, reply, req.include_usage()), media_type="text/event-stream",
+            return StreamingResponse(stream_events(job, reply, req.include_usage(), shaper),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text = await answer_unless_gone(job, request)
         if text is None:
             return Response(status_code=204)  # nobody is listening
         return ChatCompletion(**reply, usage=usage(job), choices=[
-            {"message": {"content": text}, "finish_reason": job.finish_reason}])
+            {"message": shaper.message(text), "finish_reason": shaper.finish_reason(job.finish_reason)}])
 
     return app
 
@@ -426,9 +442,10 @@ async def answer_unless_gone(job: Job, request: Request) -> Optional[str]:
         raise job_error(e) from None
 
 
-async def stream_events(job: Job, reply: dict, include_usage: bool):
-    """The reply as OpenAI's server-sent chunks: the role, the text pieces, the finish reason, the usage (when
-    stream_options.include_usage asks, in a chunk of its own), [DONE]. Leaving early cancels the job."""
+async def stream_events(job: Job, reply: dict, include_usage: bool, shaper: ReplyShaper):
+    """The reply as OpenAI's server-sent chunks: the role, the deltas (content, reasoning_content, tool calls) as
+    the text comes, the finish reason, the usage (when stream_options.include_usage asks, in a chunk of its own),
+    [DONE]. Leaving early cancels the job."""
     extra = {"usage": None} if include_usage else {}
 
     def event(obj) -> str:
@@ -440,13 +457,16 @@ async def stream_events(job: Job, reply: dict, include_usage: bool):
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for piece in job.pieces():
-            yield chunk({"content": piece})
+            for delta in shaper.feed(piece):
+                yield chunk(delta)
+        for delta in shaper.close():
+            yield chunk(delta)
     except Exception as e:  # the status line is out: the error is the last event
         yield event(job_error(e).body())
         return
     finally:
         job.cancel()
-    yield chunk({}, job.finish_reason)
+    yield chunk({}, shaper.finish_reason(job.finish_reason))
     if include_usage:
         yield event({**reply, "object": "chat.completion.chunk", "choices": [], "usage": usage(job).model_dump()})
     yield "data: [DONE]\n\n"
@@ -465,16 +485,6 @@ def make_server(scheduler: Scheduler, cfg: ServeConfig, host: str = "127.0.0.1",
                             timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=5,
                             log_level="info" if verbose else "warning", access_log=verbose)
     return uvicorn.Server(config), sock
-
-
-def number_at_least(kind, low, inclusive=True):
-    """An argparse type: a number of `kind` >= low (> low when not inclusive)."""
-    def parse(text):
-        value = kind(text)
-        if not (value >= low if inclusive else value > low):  # (NaN is neither)
-            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
-        return value
-    return parse
 
 
 def main(argv=None):
@@ -498,6 +508,11 @@ def main(argv=None):
                    help="the largest request body (a full 32k-token conversation is a few hundred KB)")
     p.add_argument("--max_queue", type=number_at_least(int, 0), default=d.max_queue,
                    help="requests that may wait for the model; more are answered 429 with Retry-After")
+    p.add_argument("--max_batch", type=number_at_least(int, 1), default=d.max_batch,
+                   help="requests generated together, one batched forward per token (more wait in the queue)")
+    p.add_argument("--max_context", type=number_at_least(int, 2), default=d.max_context,
+                   help="tokens one request may hold, conversation and reply (at most the model's context; the KV "
+                        "cache holds max_batch x max_context tokens from the start)")
     p.add_argument("--request_timeout", type=positive, default=d.request_timeout,
                    help="seconds a request may take in all: body, queue and generation (then 408 or 503)")
     p.add_argument("--keep_alive_timeout", type=positive, default=d.keep_alive_timeout,
@@ -507,9 +522,10 @@ def main(argv=None):
     cfg = ServeConfig(model_name=args.model_name or path.stem, sampling=defaults, seed=args.seed,
                       max_tokens_cap=args.max_tokens_cap, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                       cors_origins=tuple(args.cors_origin), loopback_only=is_loopback_host(args.host),
-                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                      request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout)
-    scheduler = Scheduler(model, tokenizer, cfg.max_queue)
+                      max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, max_batch=args.max_batch,
+                      max_context=args.max_context, request_timeout=args.request_timeout,
+                      keep_alive_timeout=args.keep_alive_timeout)
+    scheduler = Scheduler(model, tokenizer, cfg.max_queue, cfg.max_batch, cfg.max_context)
     try:
         server, sock = make_server(scheduler, cfg, args.host, args.port, args.verbose)
     except OSError as e:
@@ -517,8 +533,9 @@ def main(argv=None):
         p.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
-    print(f"serving {path} as {cfg.model_name!r}: web chat http://{host}:{port}/ , API base http://{host}:{port}/v1"
-          + (" (API key required)" if cfg.api_key else ""), flush=True)
+    print(f"serving {path} as {cfg.model_name!r} ({cfg.max_batch} requests at a time of up to {scheduler.max_context} "
+          f"tokens, KV cache {scheduler.kv_cache_bytes() / 2 ** 20:.0f} MiB): web chat http://{host}:{port}/ , "
+          f"API base http://{host}:{port}/v1" + (" (API key required)" if cfg.api_key else ""), flush=True)
     server.run(sockets=[sock])
 
 

@@ -33,7 +33,7 @@ def running_server(model=None, tokenizer=None, **cfg):
     model = model if model is not None else tiny()
     tokenizer = tokenizer or load_tokenizer()
     config = ServeConfig(**{"model_name": "tiny", "sampling": SamplingConfig(max_new_tokens=8), **cfg})
-    scheduler = Scheduler(model, tokenizer, config.max_queue)
+    scheduler = Scheduler(model, tokenizer, config.max_queue, config.max_batch, config.max_context)
     server, sock = make_server(scheduler, config, "127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -61,6 +61,21 @@ def slow_down(model, seconds):
         return forward(*args, **kwargs)
     model.model.forward = slowed
     return calls
+
+
+def forward_shapes(model, gate=None):
+    """Record the input_ids shape (rows, tokens) of every forward of `model`'s transformer body: a decode step is
+    (running rows, 1), a prefill (joining rows, longest prompt). With a threading.Event `gate`, each forward first
+    waits (up to 60 s) for it to be set."""
+    shapes, forward = [], model.model.forward
+
+    def recorded(input_ids, *args, **kwargs):
+        if gate is not None:
+            gate.wait(60)
+        shapes.append(tuple(input_ids.shape))
+        return forward(input_ids, *args, **kwargs)
+    model.model.forward = recorded
+    return shapes
 
 
 def request(port, method, path, body=None, headers=None, timeout=30):

@@ -232,15 +232,15 @@ def test_chat_on_the_triton_kernels_answers_like_torch(tmp_path):
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tmp_path, monkeypatch):
     import minimind.chat as chat_module
     path = save_fp16(tiny(), tmp_path / "full_sft_64.pth")
-    real, seen = chat_module.stream_chat, []
+    real, seen = chat_module.stream_text, []
 
-    def interrupted_once(model, tokenizer, messages, *args, **kwargs):
-        seen.append([m["content"] for m in messages])
+    def interrupted_once(model, tokenizer, prompt_ids, *args, **kwargs):
+        seen.append(tokenizer.decode(prompt_ids))
         if len(seen) == 1:
             yield "half a rep"
             raise KeyboardInterrupt
-        yield from real(model, tokenizer, messages, *args, **kwargs)
-    monkeypatch.setattr(chat_module, "stream_chat", interrupted_once)
+        yield from real(model, tokenizer, prompt_ids, *args, **kwargs)
+    monkeypatch.setattr(chat_module, "stream_text", interrupted_once)
     out = run_chat([str(path), "--history", "2", "--temperature", "0", "--max_new_tokens", "4"], stdin="first\nsecond\n")
     assert out.startswith("half a rep [stopped]\n")
-    assert seen[1] == ["second"]  # the stopped exchange is not in the history
+    assert "second" in seen[1] and "first" not in seen[1]  # the stopped exchange is not in the history

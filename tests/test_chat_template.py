@@ -6,8 +6,11 @@ import re
 
 import pytest
 
-from minimind.chat_template import (EMPTY_THINK, MINIMIND3_TEMPLATE, detect_format, parse_reply, parse_tool_calls,
-                                    split_thinking)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minimind.chat_template import (EMPTY_THINK, MINIMIND3_TEMPLATE, ReplyReader, detect_format, parse_reply,
+                                    parse_tool_calls, read_events, split_thinking)
 from minimind.tokenizer import Tokenizer, load_tokenizer
 from tests.reference_files import reference_folder
 
@@ -278,6 +281,47 @@ def test_parse_tool_calls():
     _, calls, _ = parse_tool_calls('<tool_call>{"name": "now"}</tool_call>')
     assert calls[0]["function"] == {"name": "now", "arguments": "{}"} and re.fullmatch(r"call_[0-9a-f]{24}",
                                                                                      calls[0]["id"])
+
+
+def test_reply_reading_rules():
+    # the reasoning ends at the first </think>; newlines around it go; a second </think> is answer text
+    assert split_thinking("\n\nr\n\n</think>\n\na</think>b", thinking_open=True) == ("r", "a</think>b")
+    # a reply that does not open with <think> (the prompt closed thinking) has none
+    assert split_thinking("a</think>b") == ("", "a</think>b")
+    assert split_thinking("\n<think>\nr</think>a") == ("r", "a")
+    # the newlines on either side of a call leave with it; others stay
+    calls = '\n\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g"}</tool_call>\n'
+    content, found, _ = parse_tool_calls("a\n" + calls + "\nb\n\n")
+    assert content == "ab\n\n" and [c["function"]["name"] for c in found] == ["f", "g"]
+    # MiniMind2 (no think tags) and a request without tools read nothing
+    text = "<think>\nr\n</think>\n\n" + calls
+    assert parse_reply(text, think_tags=False, tool_calls=False).content == text
+    assert parse_reply(text, tool_calls=False).content == calls.lstrip("\n")
+
+
+REPLY_PARTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "\n", "\n\n", "a", "好", " ", "<", "</",
+               '{"name": "f", "arguments": {"x": 1}}', '{"name": "g"}', '{"oops"', "<thi", "</tool_c"]
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(parts=st.lists(st.sampled_from(REPLY_PARTS), max_size=14), cuts=st.lists(st.integers(0, 200), max_size=8),
+       thinking_open=st.booleans(), think_tags=st.booleans(), tool_calls=st.booleans())
+def test_a_streamed_reply_reads_the_same_however_it_is_split(parts, cuts, thinking_open, think_tags, tool_calls):
+    """ReplyReader fed in arbitrary pieces gives the events of the whole text at once (what the server streams
+    equals what it answers whole), and they are final: held-back text is only ever emitted once."""
+    text = "".join(parts)
+    ids = iter(range(1000))
+    whole = parse_reply(text, thinking_open, think_tags, tool_calls, make_id=lambda: str(next(ids)))
+    ids = iter(range(1000))
+    reader = ReplyReader(thinking_open, think_tags, tool_calls, make_id=lambda: str(next(ids)))
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    events = [e for a, b in zip(bounds, bounds[1:]) for e in reader.feed(text[a:b])] + reader.close()
+    got = read_events(events)
+    assert (got.content, got.reasoning_content, got.tool_calls) == (
+        whole.content, whole.reasoning_content, whole.tool_calls)
+    assert reader.invalid == whole.invalid_tool_calls
+    if not think_tags and not tool_calls:
+        assert got.content == text
 
 
 WITH_CALLS_OR_REASONING = [c for c in CASES if any(m.get("tool_calls") or m.get("reasoning_content") for m in c[1])]

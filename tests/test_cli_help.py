@@ -8,8 +8,8 @@ import pytest
 COMMANDS = ["train.pretrain", "train.sft", "train.lora", "train.dpo", "train.distill", "train.reason", "train.demo",
             "train.tokenizer", "train.plot", "minimind.chat", "minimind.serve", "minimind.export", "minimind.import_hf",
             "minimind.evaluate", "minimind.data.__main__", "minimind.demo.data", "minimind.demo.quiz", "bench.data",
-            "bench.generate", "bench.kernels", "bench.throughput", "bench.cost", "bench.report", "bench.compile_report",
-            "kernels.aot"]
+            "bench.generate", "bench.serve", "bench.kernels", "bench.throughput", "bench.cost", "bench.report",
+            "bench.compile_report", "bench.rl", "train.grpo", "train.ppo", "kernels.aot"]
 
 
 class _Parsed(Exception):

@@ -12,10 +12,11 @@ import time
 
 import openai
 import pytest
+import torch
 
 from minimind.generate import chat
-from tests.serve_helpers import (QUESTION, assert_json_error, events, post_chat, request, running_server,
-                                 slow_down)
+from tests.serve_helpers import (QUESTION, assert_json_error, events, forward_shapes, post_chat, request,
+                                 running_server, slow_down)
 from tests.test_chat import save_fp16, tiny
 from tests.train_helpers import ROOT
 
@@ -70,6 +71,9 @@ def test_a_request_seed_makes_sampling_repeatable(server, client):
                                               max_tokens=8, seed=seed).choices[0].message.content
     first = ask(7)
     assert ask(7) == first
+    # the chat command's --seed 7: a generator seeded with 7
+    assert first == chat(server.model, server.tokenizer, QUESTION, generator=torch.Generator().manual_seed(7),
+                         temperature=1.0, top_p=1.0, max_new_tokens=8)
     assert {ask(s) for s in (1, 2, 3)} - {first}  # other seeds sample other replies
 
 
@@ -131,9 +135,10 @@ def test_stop_sequences_end_the_reply_streamed_or_not(server, client):
     ({"messages": QUESTION, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": QUESTION, "logprobs": True}, "logprobs"),
     ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": QUESTION, "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": QUESTION, "reasoning_effort": "low"}, "reasoning_effort"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # MiniMind2's
+    ({"messages": QUESTION, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": QUESTION, "reasoning_effort": "low"}, "reasoning_effort"),  # MiniMind2's format: no thinking
+    ({"messages": QUESTION, "functions": [{"name": "f"}]}, "functions"),
     ({"messages": QUESTION, "temprature": 0.5}, "temprature"),  # a typo is not silently ignored
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
 ])
@@ -145,9 +150,8 @@ def test_bad_requests_are_400s_that_name_the_field(server, body, param):
 
 def test_refused_fields_say_why_and_harmless_ones_are_accepted(server, client):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=QUESTION, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert "tool calls are not supported yet" in e.value.message
+        client.chat.completions.create(model="tiny", messages=QUESTION, top_logprobs=2)
+    assert "log-probabilities are not returned" in e.value.message
     status, _, reply = post_chat(server.port, {"messages": QUESTION, "temprature": 0.5})
     assert "unrecognized request argument supplied: 'temprature'" in reply["error"]["message"]
     reply = client.chat.completions.create(
@@ -170,10 +174,18 @@ def test_max_completion_tokens_wins_and_the_cap_holds(server):
     assert status == 200 and reply["usage"]["completion_tokens"] == 3
 
 
-def test_a_conversation_longer_than_the_context_is_a_400_and_a_model_failure_a_500():
+def test_a_conversation_longer_than_the_context_is_a_400_and_a_model_failure_a_500(server):
     with running_server(tiny(max_position_embeddings=16)) as srv:
         error = assert_json_error(*post_chat(srv.port, {"messages": QUESTION}), 400, "messages")
         assert "context is 16" in error["message"]
+    prompt = len(server.tokenizer.encode(server.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)))
+    with running_server(max_context=prompt) as srv:  # --max_context below the model's context: the same, at it
+        error = assert_json_error(*post_chat(srv.port, {"messages": QUESTION}), 400, "messages")
+        assert f"context is {prompt} (--max_context, at most the model's 32768)" in error["message"]
+    with running_server(max_context=prompt + 3) as srv:  # and the reply ends there
+        status, _, reply = post_chat(srv.port, {"messages": QUESTION, "max_tokens": 8, "temperature": 0})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3
+    assert reply["choices"][0]["finish_reason"] == "length"
     model = tiny()
 
     def broken(*args, **kwargs):
@@ -265,10 +277,10 @@ def _wait_for(condition, timeout=10.0):
 def test_a_full_queue_answers_429_and_departed_clients_leave_it():
     model = tiny()
     calls = slow_down(model, 0.05)
-    with running_server(model, max_queue=1) as srv:
+    with running_server(model, max_queue=1, max_batch=1) as srv:
         long = {"messages": QUESTION, "max_tokens": 2000}
         first = _open_chat(srv.port, long)
-        _wait_for(lambda: srv.scheduler.running is not None)
+        _wait_for(lambda: srv.scheduler.running)
         second = _open_chat(srv.port, long)
         _wait_for(lambda: srv.scheduler.waiting == 1)
         status, headers, body = request(srv.port, "POST", "/v1/chat/completions", {"messages": QUESTION})
@@ -277,7 +289,7 @@ def test_a_full_queue_answers_429_and_departed_clients_leave_it():
         second.close()  # a waiting client goes away: its place frees
         _wait_for(lambda: srv.scheduler.waiting == 0)
         first.close()  # the running one goes away: generation stops
-        _wait_for(lambda: srv.scheduler.running is None)
+        _wait_for(lambda: not srv.scheduler.running)
         stopped = len(calls)
         time.sleep(0.3)
         assert len(calls) == stopped < 200
@@ -292,7 +304,7 @@ def test_a_departed_stream_stops_generating():
         assert b"200 OK" in s.recv(65536)
         _wait_for(lambda: len(calls) >= 3)
         s.close()
-        _wait_for(lambda: srv.scheduler.running is None)
+        _wait_for(lambda: not srv.scheduler.running)
         stopped = len(calls)
         time.sleep(0.3)
         assert len(calls) == stopped < 200
@@ -310,7 +322,7 @@ def test_the_request_time_limit():
                                   {"messages": QUESTION, "max_tokens": 2000, "stream": True})
         data = events(body)
         assert status == 200 and data[-1]["error"]["code"] == "timeout" and "[DONE]" not in data
-        _wait_for(lambda: srv.scheduler.running is None)
+        _wait_for(lambda: not srv.scheduler.running)
 
 
 def test_tokenising_a_big_prompt_leaves_the_server_responsive(server):
@@ -334,27 +346,64 @@ def test_tokenising_a_big_prompt_leaves_the_server_responsive(server):
     assert answered - started < 0.5
 
 
-def test_sixteen_concurrent_clients_get_the_replies_they_get_alone(server, client):
-    asks = [dict(messages=[{"role": "user", "content": f"Question {i}: who is Ada?"}], seed=100 + i,
-                 temperature=1.0, top_p=1.0, max_tokens=6, stream=i % 2 == 1) for i in range(16)]
+SIXTEEN = [dict(messages=[{"role": "user", "content": f"Question {i}: who is Ada?"}], seed=100 + i, temperature=1.0,
+                top_p=1.0, max_tokens=6, stream=i % 2 == 1) for i in range(16)]
 
-    def ask(kwargs):
-        reply = client.chat.completions.create(model="tiny", **kwargs)
-        if kwargs["stream"]:
-            return "".join(c.choices[0].delta.content or "" for c in reply)
-        return reply.choices[0].message.content
-    alone = [ask(a) for a in asks]
-    together = [None] * 16
+
+def ask(client, kwargs):
+    """The reply's text, streamed or not."""
+    reply = client.chat.completions.create(model="tiny", **kwargs)
+    if kwargs["stream"]:
+        return "".join(c.choices[0].delta.content or "" for c in reply)
+    return reply.choices[0].message.content
+
+
+def ask_together(client, asks):
+    together = [None] * len(asks)
 
     def run(i):
-        together[i] = ask(asks[i])
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        together[i] = ask(client, asks[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(asks))]
     for t in threads:
         t.start()
+    return threads, together
+
+
+def test_sixteen_concurrent_clients_get_the_replies_they_get_alone(server, client):
+    alone = [ask(client, a) for a in SIXTEEN]
+    threads, together = ask_together(client, SIXTEEN)
     for t in threads:
         t.join(120)
     assert together == alone
     assert len(set(alone)) > 8  # different prompts and seeds really differ
+
+
+def test_sixteen_clients_decode_in_one_batch_and_get_the_replies_they_get_alone():
+    """The 16 requests above, held until all 16 are in: the first ones are prefilled (one group, or a few when the
+    machine is slow to deliver the requests), the rest join at the next step, and then each step decodes all 16 rows
+    in one forward."""
+    model = tiny()
+    gate = threading.Event()
+    shapes = forward_shapes(model, gate)
+    with running_server(model) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        gate.set()
+        alone = [ask(client, a) for a in SIXTEEN]
+        assert max(rows for rows, _ in shapes) == 1
+        gate.clear()
+        shapes.clear()
+        threads, together = ask_together(client, SIXTEEN)
+        _wait_for(lambda: len(srv.scheduler.running) + srv.scheduler.waiting == 16, timeout=60)
+        gate.set()
+        for t in threads:
+            t.join(120)
+    assert together == alone
+    prefills = [rows for rows, tokens in shapes if tokens > 1]
+    assert sum(prefills) == 16 and len(prefills) <= 3, prefills  # 16 rows joined in at most 3 groups
+    decodes = [rows for rows, tokens in shapes if tokens == 1]
+    # once all have joined, every forward decodes all 16 rows (fewer as replies end)
+    full = decodes.index(16)
+    assert decodes[full:] == sorted(decodes[full:], reverse=True) and full <= len(prefills), decodes
 
 
 # ---------------------------------------------------------------- the command line
@@ -382,7 +431,8 @@ def test_the_command_line_serves_a_weight_file_with_an_api_key_from_the_environm
 
 
 @pytest.mark.parametrize("flag, value", [("--max_queue", "-1"), ("--request_timeout", "0"),
-                                         ("--keep_alive_timeout", "nan"), ("--max_body_bytes", "0")])
+                                         ("--keep_alive_timeout", "nan"), ("--max_body_bytes", "0"),
+                                         ("--max_batch", "0"), ("--max_context", "1")])
 def test_the_command_line_refuses_bad_limits_before_loading_anything(flag, value, capsys):
     from minimind.serve import main
     with pytest.raises(SystemExit) as e:

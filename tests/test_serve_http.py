@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from tests.scripted_model import minimind3_tokenizer
 from tests.serve_helpers import (QUESTION, assert_json_error, parse_responses, raw_exchange, request,
                                  running_server)
+from tests.test_chat import tiny
 
 KEEP_ALIVE_S, REQUEST_TIMEOUT_S, MAX_BODY = 0.5, 2.0, 1 << 20
 
@@ -280,17 +282,47 @@ def api_schema(server):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
-CONVERSATION_RULES = ("a system message may only come first", "the last message must be the user's")
+# What a schema-valid request may still be refused for: the rules JSON Schema cannot say (ordering in the
+# conversation, two thinking switches that disagree), and, on a MiniMind2 model, tools and thinking.
+CONVERSATION_RULES = ("a system message may only come first", "the last message must be the user's",
+                      "a tool message must answer a tool call", "disagree on thinking")
+MINIMIND2_RULES = CONVERSATION_RULES + ("MiniMind2's chat format",)
+
+
+@pytest.fixture(scope="module")
+def minimind3_server():
+    with running_server(tiny(), minimind3_tokenizer(), max_tokens_cap=2, keep_alive_timeout=KEEP_ALIVE_S,
+                        request_timeout=REQUEST_TIMEOUT_S, max_body_bytes=MAX_BODY) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def minimind3_api_schema(minimind3_server):
+    return schemathesis.openapi.from_url(minimind3_server.url + "/openapi.json")
+
+
+minimind3_schema = schemathesis.pytest.from_fixture("minimind3_api_schema")
+
+
+def check_case(case, rules):
+    """No 5xx, statuses, content types, headers, bodies and stream events as documented, and a request the schema
+    rejects is refused. A schema-valid request may still be refused for one of `rules` (schemathesis's
+    positive_data_acceptance is replaced by this narrower check)."""
+    response = case.call(timeout=30)
+    case.validate_response(response, excluded_checks=[positive_data_acceptance])
+    if case.meta.generation.mode is GenerationMode.POSITIVE and response.status_code == 400:
+        assert any(rule in response.json()["error"]["message"] for rule in rules), response.text
 
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_the_openapi_schema_holds(case):
-    """Generated requests, schema-valid and not: no 5xx, statuses, content types, headers, bodies and stream events
-    as documented, and a request the schema rejects is refused. A schema-valid request may still be refused for
-    the two conversation rules JSON Schema cannot say (schemathesis's positive_data_acceptance is replaced by this
-    narrower check)."""
-    response = case.call(timeout=30)
-    case.validate_response(response, excluded_checks=[positive_data_acceptance])
-    if case.meta.generation.mode is GenerationMode.POSITIVE and response.status_code == 400:
-        assert any(rule in response.json()["error"]["message"] for rule in CONVERSATION_RULES), response.text
+    """Generated requests, schema-valid and not, against a MiniMind2 model."""
+    check_case(case, MINIMIND2_RULES)
+
+
+@minimind3_schema.parametrize()
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_the_openapi_schema_holds_for_minimind3(case):
+    """The same against a model with minimind-3's tokenizer: tools and thinking taken, replies read for both."""
+    check_case(case, CONVERSATION_RULES)

@@ -1,14 +1,16 @@
 """The web chat page (minimind/assets/chat.html) driven in a real browser: Playwright with Debian's chromium
 (`apt-get install chromium fonts-wqy-microhei`; .ci/run installs both) against the real server. Type, send, watch
-the reply stream in, see errors from the server in the page, start a new chat; Chinese renders with a CJK font
-(distinct glyphs, not the same tofu box for every character)."""
+the reply stream in, see errors from the server in the page, start a new chat; a minimind-3 model's thinking
+collapsed above its answer; Chinese renders with a CJK font (distinct glyphs, not the same tofu box for every
+character)."""
 import os
 import subprocess
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from minimind.generate import chat
+from minimind.generate import SamplingConfig, chat
+from tests.scripted_model import minimind3_tokenizer, scripted_model
 from tests.serve_helpers import QUESTION, running_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -80,6 +82,7 @@ def test_the_page_chats_streams_shows_errors_and_starts_over(browser):
         page.fill("#api_key", "sekrit")
         page.dispatch_event("#api_key", "change")
         expect(page.locator("#model")).to_have_text("tiny")
+        expect(page.locator("#think_label")).to_be_hidden()  # MiniMind2's format cannot think
         page.evaluate("""() => { window.updates = 0; new MutationObserver(records => window.updates += records.length)
                          .observe(document.getElementById("log"), {subtree: true, childList: true}); }""")
         ask(page, QUESTION[0]["content"])
@@ -99,6 +102,46 @@ def test_the_page_chats_streams_shows_errors_and_starts_over(browser):
         page.fill("#temperature", "0")
         ask(page, QUESTION[0]["content"])
         assert page.locator(".msg.assistant").last.evaluate("e => e.textContent") == want  # history 0: same
+        page.close()
+
+
+def test_the_thinking_shows_collapsed_above_the_answer(browser):
+    """A minimind-3 model: the think switch appears and is sent; the reasoning arrives in a collapsed "Thinking"
+    section above the answer, which opens on a click; it goes back with the answer in the history."""
+    tok = minimind3_tokenizer()
+    model = scripted_model(tok, "Let me see.\n2 + 3 = 5.\n</think>\n\nIt is 5.", "Five again.")
+    question = [{"role": "user", "content": "What is 2 + 3?"}]
+
+    def prompt(messages, thinking):
+        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking))
+    with running_server(model, tok, sampling=SamplingConfig(max_new_tokens=100)) as srv:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(srv.url + "/")
+        expect(page.locator("#think_label")).to_be_visible()
+        page.check("#think")
+        page.fill("#history", "1")
+        ask(page, question[0]["content"])
+        bubble = page.locator(".msg.assistant").last
+        details = bubble.locator("details.thinking")
+        expect(details.locator("summary")).to_have_text("Thinking")
+        assert details.evaluate("e => e.open") is False and bubble.evaluate("e => e.firstElementChild.tagName") \
+            == "DETAILS"  # collapsed, above the answer
+        expect(details.locator(".reasoning")).to_be_hidden()
+        assert bubble.locator(".answer").evaluate("e => e.textContent") == "It is 5."
+        details.locator("summary").click()
+        expect(details.locator(".reasoning")).to_be_visible()
+        assert details.locator(".reasoning").evaluate("e => e.textContent") == "Let me see.\n2 + 3 = 5."
+        assert model.prompts[0] == prompt(question, thinking=True)
+
+        page.uncheck("#think")
+        ask(page, "Again?")
+        bubble = page.locator(".msg.assistant").last
+        assert bubble.locator(".answer").evaluate("e => e.textContent") == "Five again."
+        assert bubble.locator("details").count() == 0
+        earlier = question + [{"role": "assistant", "content": "It is 5.",
+                               "reasoning_content": "Let me see.\n2 + 3 = 5."}, {"role": "user", "content": "Again?"}]
+        assert model.prompts[1] == prompt(earlier, thinking=False)
         page.close()
 
 

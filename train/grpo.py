@@ -72,22 +72,27 @@ def make_steps(batches, run):
     return [[rollout_micro_batch(b, run) for b in batches]]
 
 
-def grpo_step_loss(model, batch, run):
-    args = run.args
-    logprobs, aux = rl.completion_logprobs(model, batch)
+def policy_loss(model, ref, batch, args, logprobs=rl.completion_logprobs):
+    """The loss of one rollout micro-batch: (GRPO / CISPO loss + MoE aux loss, {metric: value}). logprobs(model,
+    batch) -> ((N, L) completion log-probs, aux): ours through ops.linear_logprobs; bench.rl passes a MiniMind-style
+    full-logits one to measure the same step both ways."""
+    policy_logprobs, aux = logprobs(model, batch)
     with torch.no_grad():
-        ref_logprobs, _ = rl.completion_logprobs(run.extras["ref"], batch)
-    loss, stats = rl.grpo_loss(logprobs, batch["old_logprobs"], ref_logprobs, batch["advantages"], batch["mask"],
-                               args.loss_type, args.beta, args.epsilon, args.epsilon_high)
-    return loss + aux, {"policy_loss": loss.detach(), "aux_loss": aux.detach(), **stats, **batch["metrics"]}
+        ref_logprobs, _ = logprobs(ref, batch)
+    loss, stats = rl.grpo_loss(policy_logprobs, batch["old_logprobs"], ref_logprobs, batch["advantages"],
+                               batch["mask"], args.loss_type, args.beta, args.epsilon, args.epsilon_high)
+    return loss + aux, {"policy_loss": loss.detach(), "aux_loss": aux.detach(), **stats}
+
+
+def grpo_step_loss(model, batch, run):
+    loss, metrics = policy_loss(model, run.extras["ref"], batch, run.args)
+    return loss, {**metrics, **batch["metrics"]}
 
 
 STAGE = engine.Stage(
     name="grpo", data_kind="rl", save_prefix="grpo", loss=grpo_step_loss, add_args=add_args, prepare=prepare,
     check_args=check_args, loader_options=rl.loader_options, make_steps=make_steps, tokens=lambda b: b["tokens"],
-    defaults=dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1, max_seq_len=768, log_interval=1,
-                  save_interval=10, from_weight="full_sft", data_path="dataset/rlaif.jsonl",
-                  wandb_project="MiniMind-GRPO"),
+    defaults=dict(rl.DEFAULTS, wandb_project="MiniMind-GRPO"),
 )
 
 

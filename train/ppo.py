@@ -183,9 +183,7 @@ STAGE = engine.Stage(
     name="ppo", data_kind="rl", save_prefix="ppo_actor", loss=ppo_step_loss, add_args=add_args, prepare=prepare,
     trainable=trainable, weights=weights, flops_per_token=flops_per_token, check_args=check_args,
     loader_options=rl.loader_options, make_steps=make_steps, tokens=lambda b: b["tokens"],
-    defaults=dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1, max_seq_len=768, log_interval=1,
-                  save_interval=10, from_weight="full_sft", data_path="dataset/rlaif.jsonl",
-                  wandb_project="MiniMind-PPO"),
+    defaults=dict(rl.DEFAULTS, wandb_project="MiniMind-PPO"),
 )
 
 

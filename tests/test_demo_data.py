@@ -198,17 +198,21 @@ def test_exact_match_scores_generated_replies(demo, monkeypatch):
 
 
 def test_grpo_prompts_are_verifiable_and_never_held_out(demo):
-    """GRPO asks only about the rl part of the world, with the canonical answer sentence in `answer`; no other
-    training file asks those questions, and neither part overlaps the seen or held-out ones."""
+    """GRPO asks about the rl part of the world and the seen sums, with the canonical answer sentence in `answer`;
+    no other training file asks the rl part's questions, and no GRPO prompt is a held-out question."""
     world = World()
     rl = {item.question: item.answers[0] for item in world.items(False, random.Random(0), rl=True)}
     assert len(rl) == 2 * (2 * N_RL_PEOPLE + N_RL_SUMS)  # 2 languages; colour and city
-    others = {item.question for held_out in (True, False) for item in world.quiz(held_out)}
-    assert not set(rl) & others
+    seen_sums = {item.question: item.answers[0] for item in world.quiz(held_out=False) if item.category == "sum"}
+    held_out = {item.question for item in world.quiz()}
+    assert not set(rl) & (held_out | {item.question for item in world.quiz(held_out=False)})
+    asked = {**rl, **seen_sums}
+    assert {item.question for item in world.grpo_items()} == set(asked)
     rs = records(demo["grpo"])
     for r in rs:
-        assert rl[r["conversations"][0]["content"]] == r["answer"] == r["conversations"][1]["content"]
-    assert len({r["answer"] for r in rs}) == len(rl)
+        q = r["conversations"][0]["content"]
+        assert q not in held_out and asked[q] == r["answer"] == r["conversations"][1]["content"]
+    assert {r["answer"] for r in rs} & set(rl.values()) and {r["answer"] for r in rs} & set(seen_sums.values())
     corpus = "".join(demo[k].read_text(encoding="utf-8") for k in ("pretrain", "sft", "dpo", "reason"))
     for q in rl:
         assert not re.search(r"(?<!\d)" + re.escape(q), corpus), q

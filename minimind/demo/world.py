@@ -4,11 +4,11 @@ The world (English and Chinese): 12 people, each with a favourite colour (8 colo
 cities), plus the sums a + b for 0 <= a, b <= 6. Pretraining text states every fact, half of the time in its
 canonical sentence ("Liyan likes red.", "叶嘉住在瓦伦堡。", "3 plus 4 equals 7.") and otherwise in other phrasings,
 and also holds question/answer lines ("Question: ... Answer: ...") for the *seen* part; SFT, DPO and reasoning data
-ask about the seen part only, GRPO's prompts only about the *rl* part (2 people and 8 sums, World.items(rl=True)):
-facts pretraining states but that no other training data asks about, like the held-out ones. Every answer restates
-the fact's canonical sentence, so answering a question is "copy the name from the question, then recall what the
-pretraining text said after it". The held-out part is 4 of
-the people and 10 of the 49 sums: their facts appear in the pretraining statements, but no question about their
+ask about the seen part only, GRPO's prompts about the *rl* part (2 people and 8 sums, World.items(rl=True)):
+facts pretraining states but that no other training data asks about, like the held-out ones, and about the seen
+sums (World.grpo_items). Every answer restates the fact's canonical sentence, so answering a question is "copy the
+name from the question, then recall what the pretraining text said after it". The held-out part is 4 of the people
+and 10 of the 49 sums: their facts appear in the pretraining statements, but no question about their
 colour, city or sum appears anywhere in the training data. The quiz asks exactly those held-out questions; its
 candidate answers are the canonical sentence with the true value or a wrong one of the same kind, so passing it
 means a fact learned from statements is retrieved by a question.
@@ -49,7 +49,7 @@ NUM_CANDIDATES = 4
 READING = 0.5  # share of pretraining documents that state a one-off fact and later ask about it
 DPO_WRONG_SUBJECT = 0.5  # share of DPO pairs whose rejected answer is about another subject (World.wrong_subject)
 READING_SHARE = 0.3  # share of SFT and reasoning questions that are reading exercises (reading_prompt)
-TOOL_SHARE = 0.25  # share of SFT records that call the calculator tool (minimind.demo.tools)
+TOOL_SHARE = 0.12  # share of SFT records that call the calculator tool (minimind.demo.tools)
 
 
 def colour_sentences(p: "Person", colour: int, lang: str) -> List[str]:
@@ -359,16 +359,21 @@ class World:
             yield {"conversations": [{"role": "user", "content": user},
                                      {"role": "assistant", "content": self._reasoning(item)}]}
 
-    def grpo_records(self, n, rng):
-        """Verifiable prompts for GRPO's `answer` reward, with the canonical answer sentence in `answer`: questions
-        about the rl part of the world (items(rl=True)), whose facts pretraining states but no other training data
-        asks about; the policy has to learn to answer about subjects SFT never asked about, as for the held-out
-        quiz, whose facts GRPO never sees."""
+    def grpo_items(self) -> List[QuizItem]:
+        """GRPO's questions: the rl part of the world (items(rl=True): 2 people's colour and city, 8 sums), whose
+        facts pretraining states but no other training data asks about, and every seen sum (SFT asks those; here
+        they keep the seen sums from drifting while the policy learns to copy both addends). No held-out fact."""
         items = self.items(False, random.Random(SEED + 2), rl=True)
+        return items + [item for item in self.items(False, random.Random(SEED + 3)) if item.category == "sum"]
+
+    def grpo_records(self, n, rng):
+        """Verifiable prompts for GRPO's `answer` reward (grpo_items), with the canonical answer sentence in
+        `answer`: the reward is 1 only for a reply that ends with the whole sentence, so "0 plus 6 equals 6." for "What is 0 plus 5?"
+        (the wrong addend copied, the sum of that) earns nothing."""
+        items = self.grpo_items()
         for _ in range(n):
             item = rng.choice(items)
-            user = item.question
-            yield {"conversations": [{"role": "user", "content": user},
+            yield {"conversations": [{"role": "user", "content": item.question},
                                      {"role": "assistant", "content": item.answers[0]}], "answer": item.answers[0]}
 
     @staticmethod

@@ -15,8 +15,9 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert [name for name, *_ in rows] == ["random init", "pretrain", "sft", "dpo", "reason", "grpo"]
     for name in ("pretrain", "full_sft", "rlhf", "reason", "grpo"):
         assert (tmp_path / f"{name}_128.pth").is_file(), name
-    assert all(scores["n"] == rows[0][1]["n"] > 0 for _, scores, _, _ in rows)
-    for name, scores, _, _ in rows:
+    assert all(scores["n"] == rows[0][1]["n"] > 0 for _, scores, *_ in rows)
+    for name, scores, seconds, cpu_seconds, _ in rows:
+        assert (seconds > 0 and cpu_seconds > 0) or name == "random init"
         assert 0.0 <= scores["answer_held_out_accuracy"] <= 1.0 and scores["answer_seen_n"] > 0
         assert scores["answer_style"] == ("text" if name in ("random init", "pretrain") else "chat")
         assert ("tool_n" in scores) == (scores["answer_style"] == "chat")

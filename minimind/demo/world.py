@@ -368,8 +368,8 @@ class World:
 
     def grpo_records(self, n, rng):
         """Verifiable prompts for GRPO's `answer` reward (grpo_items), with the canonical answer sentence in
-        `answer`: the reward is 1 only for a reply that ends with the whole sentence, so "0 plus 6 equals 6." for "What is 0 plus 5?"
-        (the wrong addend copied, the sum of that) earns nothing."""
+        `answer`: the reward is 1 only for a reply that ends with the whole sentence, so "0 plus 6 equals 6." for
+        "What is 0 plus 5?" (the wrong addend copied, then its sum) earns nothing."""
         items = self.grpo_items()
         for _ in range(n):
             item = rng.choice(items)

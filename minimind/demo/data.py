@@ -3,7 +3,7 @@ and the held-out eval.jsonl.
 
     python -m minimind.demo.data --out out/demo_data
 
-Sizes are small (pretrain is about 0.3M tokens with the bundled tokenizer); generation takes about a second.
+Sizes are small (pretrain is about 0.4M tokens with the bundled tokenizer); generation takes about a second.
 The quiz needs name -> attribute lookups a few tokens back; a tiny model (hidden 128, 4 layers) learns such
 lookups only after a long plateau, so it needs many optimizer steps (small batches of short rows), not just many
 tokens. Hence a small world (12 people) whose facts each recur a few hundred times, in one canonical sentence
@@ -20,7 +20,7 @@ from typing import Dict
 
 from minimind.demo.world import SEED, World
 
-SIZES = {"pretrain": 4800, "sft": 2500, "dpo": 1000, "reason": 1000, "grpo": 480}  # records; pretrain is ~0.3M tokens
+SIZES = {"pretrain": 6400, "sft": 2500, "dpo": 1000, "reason": 1000, "grpo": 480}  # records; pretrain is ~0.4M tokens
 
 
 def _write(path: Path, records) -> None:

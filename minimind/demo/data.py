@@ -20,7 +20,7 @@ from typing import Dict
 
 from minimind.demo.world import SEED, World
 
-SIZES = {"pretrain": 6400, "sft": 2500, "dpo": 1000, "reason": 1000, "grpo": 480}  # records; pretrain is ~0.4M tokens
+SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 800, "reason": 800, "grpo": 480}  # records; pretrain is ~0.4M tokens
 
 
 def _write(path: Path, records) -> None:

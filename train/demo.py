@@ -19,8 +19,8 @@ replies open with <think>, it is also scored inside the template (the model writ
 answers are ranked after <answer>: the "in template" line). Each stage is the real one (`train.<stage>.main`), so
 the checkpoints it leaves in out/ are MiniMind2-format weight files: pretrain_128.pth, full_sft_128.pth,
 rlhf_128.pth, reason_128.pth, grpo_128.pth. GRPO starts from the DPO model (rlhf) with the `answer` reward on
-questions about a part of the world only its prompts ask about (minimind.demo.world.World.items(rl=True)); its row
-against the DPO row shows what it did to the held-out answers.
+the seen sums and on questions about a part of the world only its prompts ask about
+(minimind.demo.world.World.grpo_items); its row against the DPO row shows what it did to the held-out answers.
 """
 import argparse
 import os
@@ -48,8 +48,9 @@ DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attenti
 # repeat "<answer>") and a gentle rate: at 1e-3 it lost the held-out answers (7% right, 44% at 5e-4). SFT rows are
 # 192 tokens: a calculator conversation is ~180. GRPO: 60 steps of 8 prompts x 6 samples at temperature 1, lr 2e-4,
 # prompts about the rl part of the world and the seen sums (World.grpo_items). Its gain is in the sums, whose wrong
-# answers copy the second addend wrong ("What is 0 plus 5?" -> "0 plus 6 equals 6."): from the same DPO model, held-out
-# sums 10 -> 16 of 20 with seeds 42 and 7 (facts 6 -> 7 and 6 of 16); at lr 1e-4 13 and 14 of 20.
+# answers copy the second addend wrong ("What is 0 plus 5?" -> "0 plus 6 equals 6."): held-out sums 8 -> 15, 12, 13
+# of 20 with seeds 42, 7, 1 (facts 6 -> 7, 6, 6 of 16); from another DPO model 10 -> 16 and 16 (seeds 42, 7), and at
+# lr 1e-4 13 and 14. The demo data are sized for about 6 CPU minutes (minimind.demo.data.SIZES; README).
 PIPELINE = [
     (pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64", "--accumulation_steps", "1",
                             "--learning_rate", "3e-3", "--warmup_iters", "100", "--from_weight", "none"]),

@@ -192,7 +192,7 @@ def render_minimind2(messages, tools=None, add_generation_prompt=False, thinking
     return out.result()
 
 
-def _tool_call_text(call) -> str:
+def tool_call_text(call) -> str:
     if not isinstance(call, dict):
         raise TypeError(f"a tool call must be an object, got {type(call).__name__} (parse JSON strings first)")
     if call.get("function"):
@@ -233,7 +233,7 @@ def render_minimind3(messages, tools=None, add_generation_prompt=False, thinking
             for j, call in enumerate(calls):
                 if j > 0 or content:
                     out.put("\n")
-                out.put(_tool_call_text(call))
+                out.put(tool_call_text(call))
             out.put(f"{EOS}\n")
             out.spans.append((start, out.nbytes))
         elif role == "tool":

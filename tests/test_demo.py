@@ -12,12 +12,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     rows = demo.main(["--quick", "--out_dir", str(tmp_path), "--device", "cpu", "--threads", "1"])
-    assert [name for name, *_ in rows] == ["random init", "pretrain", "sft", "dpo", "reason"]
-    for name in ("pretrain", "full_sft", "rlhf", "reason"):
+    assert [name for name, *_ in rows] == ["random init", "pretrain", "sft", "dpo", "reason", "grpo"]
+    for name in ("pretrain", "full_sft", "rlhf", "reason", "grpo"):
         assert (tmp_path / f"{name}_128.pth").is_file(), name
-    assert all(scores["n"] == rows[0][1]["n"] > 0 for _, scores, _, _ in rows)
+    assert all(scores["n"] == rows[0][1]["n"] > 0 for _, scores, *_ in rows)
+    for name, scores, seconds, cpu_seconds, _ in rows:
+        assert (seconds > 0 and cpu_seconds > 0) or name == "random init"
+        assert 0.0 <= scores["answer_held_out_accuracy"] <= 1.0 and scores["answer_seen_n"] > 0
+        assert scores["answer_style"] == ("text" if name in ("random init", "pretrain") else "chat")
+        assert ("tool_n" in scores) == (scores["answer_style"] == "chat")
     out = capsys.readouterr().out
     assert "after reason: held-out quiz" in out and "Q: What is 3 plus 5?" in out
+    assert "generated answers right (chat prompt, greedy inside <answer>): held-out" in out
+    assert "after grpo: held-out quiz" in out and "calculator tool (sums no training conversation asks)" in out
     assert "reason done: 3 steps in" in out and f"weights -> {tmp_path / 'reason_128.pth'}" in out
     if importlib.util.find_spec("matplotlib"):  # the `plot` extra (in `dev`)
         assert (tmp_path / "demo_metrics.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,17 +1,26 @@
-"""The whole MiniMind pipeline on a CPU in a few minutes: pretrain -> SFT -> DPO -> reasoning.
+"""The whole MiniMind pipeline on a CPU in a few minutes: pretrain -> SFT -> DPO -> reasoning, and GRPO.
 
     python -m train.demo                 # bundled demo data, a tiny model (hidden 128, 4 layers), out/
     python -m train.demo --quick         # a few steps per stage: checks the plumbing in well under a minute
 
 The bundled data describes a small invented world (people, their favourite colours and home cities, small sums)
-in English and Chinese. Before training and after every stage the demo scores two quizzes (minimind.demo.evaluate:
-multiple choice by likelihood, chance 25%): held-out, about facts that pretraining states but no training question
-ever asks (generalisation), and seen, the same kind of questions about facts the training data does ask about
-(memorisation); then it shows a greedy reply to two questions. The quiz scores a direct answer, so after the
-reasoning stage, whose replies open with <think>, it falls; that stage is also scored inside its template (the
-model writes its own <think> part, then the answers are ranked after <answer>: the "in template" line). Each stage
-is the real one (`train.<stage>.main`), so the checkpoints it leaves in out/ are MiniMind2-format weight files:
-pretrain_128.pth, full_sft_128.pth, rlhf_128.pth, reason_128.pth.
+in English and Chinese. Before training and after every stage the demo scores the model two ways, each on held-out
+questions (facts that pretraining states but no training question ever asks: generalisation) and seen ones (the
+same kinds of question about facts the training data does ask about: memorisation):
+  quiz       multiple choice by likelihood (minimind.demo.evaluate, chance 25%): does the model rank the right
+             answer first?
+  generated  greedy exact match of the model's own answers (minimind.demo.answers): what a user sees. The base
+             model is asked in plain text ("Question: ...\nAnswer:"), the others in the chat template; after the
+             reasoning stage the answer is read inside <answer>.
+  tool       for a chat model: its use of the calculator tool (minimind.demo.tools) on sums no training
+             conversation asks: a valid call with the question's numbers, then the right answer from its result.
+Then it shows a greedy reply to two questions. The quiz scores a direct answer, so after the reasoning stage, whose
+replies open with <think>, it is also scored inside the template (the model writes its own <think> part, then the
+answers are ranked after <answer>: the "in template" line). Each stage is the real one (`train.<stage>.main`), so
+the checkpoints it leaves in out/ are MiniMind2-format weight files: pretrain_128.pth, full_sft_128.pth,
+rlhf_128.pth, reason_128.pth, grpo_128.pth. GRPO starts from the DPO model (rlhf) with the `answer` reward on
+the seen sums and on questions about a part of the world only its prompts ask about
+(minimind.demo.world.World.grpo_items); its row against the DPO row shows what it did to the held-out answers.
 """
 import argparse
 import os
@@ -21,27 +30,39 @@ from pathlib import Path
 
 import torch
 
-from train import dpo, engine, flags, pretrain, reason, sft
+from train import dpo, engine, flags, grpo, pretrain, reason, sft
 
 DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4",
               "--num_key_value_heads", "2"]
 
 # (stage module, demo data file, flags). Pretraining uses short packed rows (64 tokens, 16 rows): a 1.6M-parameter
 # model learns the name -> fact lookups only after several hundred optimizer steps, so steps count more than row
-# length. Its learning rate is far above MiniMind2's (tuned for 100M-parameter models and days of data); SFT and
-# DPO use gentler ones, since they ask only about the seen part of the world and a higher rate overwrites the
-# held-out facts that pretraining stored (SFT at 1e-3 took the held-out quiz from 82% to 53%, DPO at 2e-4 to 39%).
-# The reasoning stage keeps its tags at weight 1 (MiniMind2: 10): with ten-fold tags this model, in 186 steps,
-# learns to repeat "<answer>" rather than the template.
+# length. Its learning rate is far above MiniMind2's (tuned for 100M-parameter models and days of data), so it
+# warms up over 100 steps: with 10, Adam's first steps at 3e-3 threw the loss from 4.9 to 15.8 at step 20, and it
+# sat near 4.9 for the next 20 steps. SFT runs 2 epochs at 5e-4: answering in the chat template means copying the
+# question's subject to a new place, which 1 epoch at 3e-4 had not learnt (22% of seen questions answered right,
+# against 96%). DPO uses beta 2, not MiniMind2's 0.1: its sequence log-probability is the mean over the answer's
+# ~8 tokens and a pair differs in one of them, so at 0.1 beta * margin stays near 0.01 and the loss at ln 2
+# (0.693 -> 0.688 in 93 steps); a higher rate instead (2e-4) pushed chosen and rejected down together and cost 15
+# points of seen answers. The reasoning stage keeps its tags at weight 1 (MiniMind2: 10: this model then learns to
+# repeat "<answer>") and a gentle rate: at 1e-3 it lost the held-out answers (7% right, 44% at 5e-4). SFT rows are
+# 192 tokens: a calculator conversation is ~180. GRPO: 60 steps of 8 prompts x 6 samples at temperature 1, lr 2e-4,
+# prompts about the rl part of the world and the seen sums (World.grpo_items). Its gain is in the sums, whose wrong
+# answers copy the second addend wrong ("What is 0 plus 5?" -> "0 plus 6 equals 6."): held-out sums 8 -> 15, 12, 13
+# of 20 with seeds 42, 7, 1 (facts 6 -> 7, 6, 6 of 16); from another DPO model 10 -> 16 and 16 (seeds 42, 7), and at
+# lr 1e-4 13 and 14. The demo data are sized for about 6 CPU minutes (minimind.demo.data.SIZES; README).
 PIPELINE = [
     (pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64", "--accumulation_steps", "1",
-                            "--learning_rate", "3e-3", "--warmup_iters", "10", "--from_weight", "none"]),
-    (sft, "sft", ["--epochs", "1", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "3e-4",
+                            "--learning_rate", "3e-3", "--warmup_iters", "100", "--from_weight", "none"]),
+    (sft, "sft", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "192", "--learning_rate", "5e-4",
                   "--warmup_iters", "5", "--from_weight", "pretrain"]),
     (dpo, "dpo", ["--epochs", "1", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "2e-5",
-                  "--beta", "0.1", "--from_weight", "full_sft"]),
-    (reason, "reason", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "1e-3",
+                  "--beta", "2", "--from_weight", "full_sft"]),
+    (reason, "reason", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate", "5e-4",
                         "--warmup_iters", "5", "--template_weight", "1", "--from_weight", "rlhf"]),
+    (grpo, "grpo", ["--epochs", "1", "--batch_size", "8", "--num_generations", "6", "--max_seq_len", "96",
+                    "--max_gen_len", "24", "--temperature", "1.0", "--reward", "answer", "--loss_type", "cispo",
+                    "--beta", "0.1", "--learning_rate", "2e-4", "--from_weight", "rlhf"]),
 ]
 QUICK_STEPS = 3
 
@@ -76,8 +97,13 @@ def sample_replies(model, tokenizer, reason_mode=False):
             for lang, q in SAMPLE_QUESTIONS.items()}
 
 
-def report(title, model, tokenizer, data_dir, device, reason_mode=False):
-    from minimind.demo import evaluate
+def report(title, model, tokenizer, data_dir, device, reason_mode=False, answer_style="chat"):
+    """Quiz (ranked answers) and exact match (generated answers), held-out and seen, and for a chat model its use of
+    the calculator tool; prints them and returns the scores. answer_style: "text" for the base model (it has never
+    seen the chat template), else "chat"."""
+    from minimind.demo import evaluate, exact_match
+    from minimind.demo.tools import tool_use
+    from minimind.demo.answers import ANSWER_TOKENS, REASON_TOKENS
     t = time.perf_counter()
     scores = evaluate(model, tokenizer, data_dir=data_dir, device=device)
     scores["seen_accuracy"] = evaluate(model, tokenizer, data_dir=data_dir, device=device, split="seen")["accuracy"]
@@ -85,6 +111,16 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False):
         for split in ("held_out", "seen"):
             scores[f"reason_{split}_accuracy"] = evaluate(model, tokenizer, data_dir=data_dir, device=device,
                                                           style="reason", split=split)["accuracy"]
+    n_tokens = REASON_TOKENS if reason_mode else ANSWER_TOKENS
+    for split in ("held_out", "seen"):
+        em = exact_match(model, tokenizer, data_dir, device, answer_style, split, n_tokens)
+        scores[f"answer_{split}_accuracy"], scores[f"answer_{split}_n"] = em["accuracy"], em["n"]
+    scores["answer_style"] = answer_style
+    if answer_style == "chat":
+        tools = tool_use(model, tokenizer, device)
+        scores.update(tool_n=tools["n"], tool_well_formed=tools["well_formed_calls"],
+                      tool_valid_calls=tools["valid_calls"], tool_right_answers=tools["right_answers"],
+                      tool_example=tools["replies"][0])
     replies = sample_replies(model, tokenizer, reason_mode)
     print(f"\n== {title}: held-out quiz {scores['accuracy']:.1%} (text {scores['text_accuracy']:.1%}, chat "
           f"{scores['chat_accuracy']:.1%}; n={scores['n']}), seen-facts quiz {scores['seen_accuracy']:.1%}; "
@@ -92,6 +128,17 @@ def report(title, model, tokenizer, data_dir, device, reason_mode=False):
     if reason_mode:
         print(f"   in the reasoning template: held-out {scores['reason_held_out_accuracy']:.1%}, seen "
               f"{scores['reason_seen_accuracy']:.1%}")
+    where = " inside <answer>" if reason_mode else ""
+    print(f"   generated answers right ({answer_style} prompt, greedy{where}): held-out "
+          f"{scores['answer_held_out_accuracy']:.1%} (n={scores['answer_held_out_n']}), seen "
+          f"{scores['answer_seen_accuracy']:.1%} (n={scores['answer_seen_n']})")
+    if "tool_n" in scores:
+        q, call, final, _, _ = scores["tool_example"]
+        print(f"   calculator tool (sums no training conversation asks): well-formed calls "
+              f"{scores['tool_well_formed']:.1%}, with the right numbers {scores['tool_valid_calls']:.1%}, "
+              f"right final answers "
+              f"{scores['tool_right_answers']:.1%} (n={scores['tool_n']})\n"
+              f"   Q: {q}\n   A: {call!r}\n   (tool) -> A: {final!r}")
     for lang, reply in replies.items():
         print(f"   Q: {SAMPLE_QUESTIONS[lang]}\n   A: {reply!r}")
     return scores
@@ -113,7 +160,7 @@ def main(argv=None):
     from minimind.model import MiniMindForCausalLM
     from minimind.tokenizer import load_tokenizer
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     out_dir = Path(args.out_dir)
     data_dir = Path(args.data_dir) if args.data_dir else out_dir / "demo_data"
     paths = write_demo_data(data_dir)
@@ -137,12 +184,14 @@ def main(argv=None):
         cfg = MiniMindConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                              vocab_size=tokenizer.vocab_size)
         scores = report("before training (random weights)", MiniMindForCausalLM(cfg).to(device), tokenizer,
-                        data_dir, device)
-        rows.append(("random init", scores, 0.0, float("nan")))
+                        data_dir, device, answer_style="text")
+        rows.append(("random init", scores, 0.0, 0.0, float("nan")))
     for stage, data_key, flags in PIPELINE:
         name = stage.STAGE.name
         print(f"\n### {name}: python -m train.{name} --data_path {paths[data_key]} " + " ".join(flags))
+        cpu = time.process_time()
         result = stage.main([*common, *flags, "--data_path", str(paths[data_key])])
+        cpu = time.process_time() - cpu  # all of the process's threads: on a busy machine, what the stage costs
         if result["interrupted"]:  # Ctrl-C: the stage saved its resume state; the next stage must not start
             print(f"demo stopped during {name}", file=sys.stderr)
             if argv is None:
@@ -150,18 +199,26 @@ def main(argv=None):
             return rows
         metrics_logs.append(result["metrics_path"])
         if not args.no_eval:
-            scores = report(f"after {name}", result["model"], tokenizer, data_dir, device, reason_mode=name == "reason")
-            rows.append((name, scores, result["seconds"], result["final_loss"]))
+            scores = report(f"after {name}", result["model"], tokenizer, data_dir, device, reason_mode=name == "reason",
+                            answer_style="text" if name == "pretrain" else "chat")
+            rows.append((name, scores, result["seconds"], cpu, result["final_loss"]))
 
     if rows:
-        print("\nstage        held-out    text    chat    seen   train s   final loss")
-        for name, s, secs, loss in rows:
-            print(f"{name:12s} {s['accuracy']:8.1%} {s['text_accuracy']:7.1%} {s['chat_accuracy']:7.1%} "
-                  f"{s['seen_accuracy']:7.1%} {secs:8.1f}   {loss:.4f}")
+        print("\n                  quiz (ranked)      generated answers    calculator tool")
+        print("stage          held-out     seen    held-out     seen    calls  answers   train s    cpu s   final loss")
+        for name, s, secs, cpu, loss in rows:
+            style = "(text)" if s["answer_style"] == "text" else ""
+            tool = (f"{s['tool_valid_calls']:8.1%} {s['tool_right_answers']:8.1%}" if "tool_n" in s
+                    else f"{'-':>8s} {'-':>8s}")
+            print(f"{name:12s} {s['accuracy']:10.1%} {s['seen_accuracy']:8.1%} {s['answer_held_out_accuracy']:11.1%} "
+                  f"{s['answer_seen_accuracy']:8.1%} {tool} {secs:9.1f} {cpu:8.1f}   {loss:.4f} {style}")
             if "reason_held_out_accuracy" in s:
-                print(f"{'  in template':12s} {s['reason_held_out_accuracy']:8.1%} {'':>7s} {'':>7s} "
-                      f"{s['reason_seen_accuracy']:7.1%}")
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; checkpoints in {out_dir}/")
+                print(f"{'  in template':12s} {s['reason_held_out_accuracy']:10.1%} {s['reason_seen_accuracy']:8.1%}")
+        print("(quiz: 4 candidates ranked by likelihood, chance 25%; generated: greedy reply is the canonical answer "
+              "or its value; (text): a plain-text prompt, the base model knows no chat template; calculator tool: "
+              "a valid call with the question's numbers, then the right answer from the tool's result)")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s ({time.process_time() - cpu0:.0f} CPU seconds); "
+          f"checkpoints in {out_dir}/")
     print(training_curves(metrics_logs, out_dir / "demo_metrics.png"))
     flag = "" if str(out_dir) == "out" else f" --out_dir {out_dir}"
     print(f"talk to the models: python -m minimind.chat rlhf{flag}   |   python -m minimind.chat reason{flag}   |   "

@@ -1,6 +1,8 @@
-"""The bundled demo: a small invented world (data generator) and the held-out quiz that shows learning."""
+"""The bundled demo: a small invented world (data generator), the held-out quiz that shows learning (answers ranked
+by likelihood), the exact match of generated answers (what a user sees) and the calculator tool
+(minimind.demo.tools)."""
 
-__all__ = ["evaluate", "write_demo_data"]
+__all__ = ["evaluate", "exact_match", "write_demo_data"]
 
 
 def __getattr__(name):  # lazy, so that `python -m minimind.demo.data` or `.quiz` does not import its module twice
@@ -10,4 +12,7 @@ def __getattr__(name):  # lazy, so that `python -m minimind.demo.data` or `.quiz
     if name == "evaluate":
         from minimind.demo.quiz import evaluate
         return evaluate
+    if name == "exact_match":
+        from minimind.demo.answers import exact_match
+        return exact_match
     raise AttributeError(name)

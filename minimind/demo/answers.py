@@ -97,7 +97,6 @@ def exact_match(model, tokenizer, data_dir=None, device="cpu", style: str = "cha
 def main():
     import argparse
 
-    from minimind.model import MiniMindForCausalLM
     from minimind.tokenizer import load_tokenizer
     from minimind.weights import load_model
 

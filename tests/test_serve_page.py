@@ -105,9 +105,9 @@ def test_the_page_chats_streams_shows_errors_and_starts_over(browser):
         page.close()
 
 
-def test_the_thinking_shows_collapsed_above_the_answer(browser):
+def test_the_thinking_shows_collapsed_under_the_answer(browser):
     """A minimind-3 model: the think switch appears and is sent; the reasoning arrives in a collapsed "Thinking"
-    section above the answer, which opens on a click; it goes back with the answer in the history."""
+    section under the answer, which opens on a click; it goes back with the answer in the history."""
     tok = minimind3_tokenizer()
     model = scripted_model(tok, "Let me see.\n2 + 3 = 5.\n</think>\n\nIt is 5.", "Five again.")
     question = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -125,8 +125,8 @@ def test_the_thinking_shows_collapsed_above_the_answer(browser):
         bubble = page.locator(".msg.assistant").last
         details = bubble.locator("details.thinking")
         expect(details.locator("summary")).to_have_text("Thinking")
-        assert details.evaluate("e => e.open") is False and bubble.evaluate("e => e.firstElementChild.tagName") \
-            == "DETAILS"  # collapsed, above the answer
+        assert details.evaluate("e => e.open") is False and bubble.evaluate("e => e.lastElementChild.tagName") \
+            == "DETAILS"  # collapsed, under the answer
         expect(details.locator(".reasoning")).to_be_hidden()
         assert bubble.locator(".answer").evaluate("e => e.textContent") == "It is 5."
         details.locator("summary").click()

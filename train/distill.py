@@ -104,6 +104,8 @@ STAGE = engine.Stage(
     name="distill", data_kind="sft", save_prefix="full_dist", loss=distill_loss, add_args=add_args, prepare=prepare,
     defaults=dict(epochs=6, batch_size=32, learning_rate=5e-6, accumulation_steps=1, max_seq_len=512,
                   from_weight="full_sft", data_path="dataset/sft_mini_512.jsonl", wandb_project="MiniMind-Distill"),
+    minimind3_defaults=dict(epochs=6, batch_size=32, learning_rate=5e-6, accumulation_steps=1, max_seq_len=340,
+                            alpha=0.5, temperature=1.5),
 )
 
 

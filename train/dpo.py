@@ -26,7 +26,8 @@ SIDES = ("chosen", "rejected")
 
 def add_args(parser):
     g = parser.add_argument_group("DPO")
-    g.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="strength of the KL anchor to the reference (default %(default)s)")
     g.add_argument("--ref_weight", default=None,
                    help="reference weights: a stage prefix or path (default, or 'none': the policy's starting "
                         "weights)")
@@ -92,6 +93,8 @@ STAGE = engine.Stage(
     name="dpo", data_kind="dpo", save_prefix="rlhf", loss=dpo_step_loss, add_args=add_args, prepare=prepare,
     defaults=dict(epochs=2, batch_size=4, learning_rate=1e-8, accumulation_steps=1, max_seq_len=1024,
                   from_weight="full_sft", data_path="dataset/dpo.jsonl", wandb_project="MiniMind-RLHF"),
+    minimind3_defaults=dict(epochs=1, batch_size=4, learning_rate=4e-8, accumulation_steps=1, max_seq_len=1024,
+                            beta=0.15),
 )
 
 

@@ -50,7 +50,7 @@ from minimind.weights import config_path, model_card
 from train import distributed
 from train.checkpoint import (atomic_save, atomic_write_text, check_resume, fp16_state_dict, load_weights,
                               resolve_weights, resume_source, rng_state, set_rng_state, weight_file_name)
-from train.flags import CHAT_KINDS, DTYPES, ConfigError, build_parser, check_args, config_from_args
+from train.flags import CHAT_KINDS, DTYPES, ConfigError, check_args, config_from_args, parse_flags
 from train.flops import peak_flops, run_flops_per_token
 from train.metrics import (MetricsLog, bar_text, data_summary, finish_summary, jsonable_flags, log_step,
                            progress_bar, schedule_summary)
@@ -66,6 +66,9 @@ class Stage:
     loss: Callable          # loss(model, batch, run) -> (mean loss of the micro-batch, {metric: scalar}); run under
                             # autocast, batch already on the device; call any method of model (DDP still syncs)
     defaults: dict = field(default_factory=dict)  # argparse defaults of this stage (MiniMind2's recipe table)
+    minimind3_defaults: Optional[dict] = None   # minimind-3's recipe row: the defaults under --preset minimind3 /
+                                                # minimind3-moe for flags not given (flags.parse_flags); None: no
+                                                # minimind-3 recipe for this stage, `defaults` stay
     add_args: Optional[Callable] = None         # add_args(parser): stage-only flags
     prepare: Optional[Callable] = None          # prepare(model, run) -> model, after --from_weight is loaded and
                                                 # before optimizer / resume / DDP / compile (LoRA wrapping; frozen
@@ -278,8 +281,7 @@ def main(stage: Stage, argv=None) -> dict:
     """Parse the flags (argv=None: the command line) and train. On the command line a ConfigError or DataError prints
     as one line (exit 2) and a stopped run exits with STOPPED_EXIT_STATUS; called with an argv list, the error is
     raised and the result (its "interrupted" set) returned."""
-    parser = build_parser(stage)
-    args = parser.parse_args(argv)
+    parser, args = parse_flags(stage, argv)
     from minimind.data import DataError
     try:
         result = train(stage, args)
@@ -397,6 +399,8 @@ def _train(stage, args, device, dist):
         raise ConfigError(f"--data_path {args.data_path} gives {len(loader)} batches of {args.batch_size} per "
                           f"process per epoch, fewer than --accumulation_steps {args.accumulation_steps}")
     if run.is_main:
+        if args.recipe:
+            run.log(args.recipe)
         run.log(data_summary(args.data_path, loader.stats(), dist.world_size))
 
     model = MiniMindForCausalLM(config, kernels=args.kernels, attn=args.attn)

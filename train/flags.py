@@ -132,8 +132,75 @@ def build_parser(stage) -> argparse.ArgumentParser:
                             "for a minimind-3 tokenizer, 0 for MiniMind2's)")
     if stage.add_args:
         stage.add_args(p)
-    p.set_defaults(**stage.defaults)
+    p.set_defaults(**stage.defaults, recipe=None)  # recipe: not a flag, parse_flags' line on the recipe applied
+    _document_minimind3_defaults(p, stage)
     return p
+
+
+MINIMIND3_PRESETS = tuple(name for name in PRESETS if name.startswith("minimind3"))
+DEFAULT_IN_HELP = "(default %(default)s)"
+
+
+def _value(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _document_minimind3_defaults(p, stage):
+    """Each flag whose minimind-3 default differs says so in its help; --preset says what it does to the recipe."""
+    actions = {a.dest: a for a in p._actions}
+    recipe = stage.minimind3_defaults
+    for name, value in (recipe or {}).items():
+        if name not in actions:
+            raise ValueError(f"stage {stage.name}: minimind3_defaults names {name!r}, not one of its flags")
+        action = actions[name]
+        if value != action.default:
+            if DEFAULT_IN_HELP not in action.help:
+                raise ValueError(f"stage {stage.name}: the help of --{name} lacks {DEFAULT_IN_HELP!r}")
+            action.help = action.help.replace(
+                DEFAULT_IN_HELP, f"(default %(default)s; {_value(value)} with --preset minimind3 / minimind3-moe)")
+    changed = [f"--{k} {_value(v)}" for k, v in (recipe or {}).items() if v != actions[k].default]
+    if recipe is None:
+        note = f"; minimind-3 publishes no {stage.name} recipe: under its presets this stage keeps MiniMind2's defaults"
+    elif changed:
+        note = "; minimind3 / minimind3-moe also set minimind-3's recipe where a flag is not given: " + \
+            ", ".join(changed)
+    else:
+        note = "; minimind3 / minimind3-moe keep this stage's recipe defaults (they are minimind-3's too)"
+    actions["preset"].help += note
+
+
+def given_flags(stage, argv=None) -> set:
+    """The dests of the flags argv (default sys.argv[1:]) gives, in any form argparse takes (--flag value,
+    --flag=value, a unique prefix): argv parsed again by the stage's parser with every default suppressed."""
+    probe = build_parser(stage)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    probe._defaults.clear()
+    return set(vars(probe.parse_args(argv)))
+
+
+def parse_flags(stage, argv=None):
+    """(parser, args): the stage's flags, and under --preset minimind3 / minimind3-moe minimind-3's recipe
+    (stage.minimind3_defaults) for every flag argv does not give; a given flag wins, even at a default's value.
+    args.recipe is the line saying which recipe was applied (None without a minimind-3 preset)."""
+    parser = build_parser(stage)
+    args = parser.parse_args(argv)
+    if args.preset not in MINIMIND3_PRESETS:
+        return parser, args
+    if stage.minimind3_defaults is None:
+        args.recipe = (f"recipe: MiniMind2's {stage.name} defaults under --preset {args.preset} (minimind-3 "
+                       f"publishes no {stage.name} recipe)")
+        return parser, args
+    given = given_flags(stage, argv)
+    applied = [f"{k} {_value(v)}" for k, v in stage.minimind3_defaults.items() if k not in given]
+    kept = [f"--{k} {_value(getattr(args, k))}" for k in stage.minimind3_defaults if k in given]
+    for k, v in stage.minimind3_defaults.items():
+        if k not in given:
+            setattr(args, k, v)
+    args.recipe = (f"recipe: minimind-3's {stage.name} defaults for --preset {args.preset} ("
+                   + (", ".join(applied) or "none left") + ")"
+                   + (f"; given on the command line: {', '.join(kept)}" if kept else ""))
+    return parser, args
 
 
 MODEL_FLAGS = ("hidden_size", "num_hidden_layers", "use_moe", "num_attention_heads", "num_key_value_heads", "head_dim",

@@ -92,7 +92,7 @@ def grpo_step_loss(model, batch, run):
 STAGE = engine.Stage(
     name="grpo", data_kind="rl", save_prefix="grpo", loss=grpo_step_loss, add_args=add_args, prepare=prepare,
     check_args=check_args, loader_options=rl.loader_options, make_steps=make_steps, tokens=lambda b: b["tokens"],
-    defaults=dict(rl.DEFAULTS, wandb_project="MiniMind-GRPO"),
+    defaults=dict(rl.DEFAULTS, wandb_project="MiniMind-GRPO"), minimind3_defaults=rl.MINIMIND3_DEFAULTS,
 )
 
 

@@ -22,7 +22,8 @@ from train.sft import assistant_loss
 def add_args(parser):
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_name", default="lora_identity", help="adapter file: OUT_DIR/lora/{lora_name}_{hidden}.pth")
-    g.add_argument("--lora_rank", type=int, default=8, help="rank r of each adapter A (r x in), B (out x r)")
+    g.add_argument("--lora_rank", type=int, default=8,
+                   help="rank r of each adapter A (r x in), B (out x r) (default %(default)s)")
     g.add_argument("--lora_alpha", type=float, default=None,
                    help="the adapter output is scaled by alpha / rank (default: alpha = rank, scale 1, as MiniMind2)")
     g.add_argument("--lora_targets", default="square",
@@ -66,6 +67,8 @@ STAGE = engine.Stage(
     trainable=lora_parameters, weights=adapter_weights, weights_path=adapter_path, flops_per_token=flops_per_token,
     defaults=dict(epochs=10, batch_size=32, learning_rate=1e-4, accumulation_steps=1, max_seq_len=512,
                   from_weight="full_sft", data_path="dataset/lora_identity.jsonl", wandb_project="MiniMind-LoRA"),
+    minimind3_defaults=dict(epochs=10, batch_size=32, learning_rate=1e-4, accumulation_steps=1, max_seq_len=340,
+                            lora_rank=16, lora_targets="square"),  # minimind-3's square linears: q_proj, o_proj
 )
 
 

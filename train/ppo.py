@@ -184,6 +184,7 @@ STAGE = engine.Stage(
     trainable=trainable, weights=weights, flops_per_token=flops_per_token, check_args=check_args,
     loader_options=rl.loader_options, make_steps=make_steps, tokens=lambda b: b["tokens"],
     defaults=dict(rl.DEFAULTS, wandb_project="MiniMind-PPO"),
+    minimind3_defaults=dict(rl.MINIMIND3_DEFAULTS, critic_learning_rate=5e-7),
 )
 
 

@@ -39,6 +39,7 @@ STAGE = engine.Stage(
     name="pretrain", data_kind="pretrain", save_prefix="pretrain", loss=lm_loss, add_args=add_args,
     defaults=dict(epochs=1, batch_size=32, learning_rate=5e-4, accumulation_steps=8, max_seq_len=512,
                   data_path="dataset/pretrain_hq.jsonl", from_weight="none", wandb_project="MiniMind-Pretrain"),
+    minimind3_defaults=dict(epochs=2, batch_size=32, learning_rate=5e-4, accumulation_steps=8, max_seq_len=340),
 )
 
 

@@ -60,6 +60,7 @@ STAGE = engine.Stage(
     name="reason", data_kind="reason", save_prefix="reason", loss=reason_loss, add_args=add_args,
     defaults=dict(epochs=1, batch_size=8, learning_rate=1e-6, accumulation_steps=1, max_seq_len=1024,
                   data_path="dataset/r1_mix_1024.jsonl", from_weight="rlhf", wandb_project="MiniMind-Reasoning"),
+    minimind3_defaults=None,  # minimind-3 has no reasoning-distillation recipe: MiniMind2's stays under its presets
 )
 
 

@@ -42,6 +42,9 @@ IGNORE = -100
 # MiniMind's train_grpo.py / train_ppo.py defaults (--max_seq_len is the prompt's)
 DEFAULTS = dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1, max_seq_len=768, log_interval=1,
                 save_interval=10, from_weight="full_sft", data_path="dataset/rlaif.jsonl")
+# minimind-3's GRPO / PPO recipe: the same values (MiniMind's RL trainers are minimind-3's)
+MINIMIND3_DEFAULTS = dict(epochs=1, batch_size=2, learning_rate=3e-7, accumulation_steps=1, max_seq_len=768,
+                          max_gen_len=1024)
 
 
 # ------------------------------------------------------------------------------------------- flags, preparation

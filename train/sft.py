@@ -21,6 +21,7 @@ STAGE = engine.Stage(
     name="sft", data_kind="sft", save_prefix="full_sft", loss=assistant_loss,
     defaults=dict(epochs=2, batch_size=16, learning_rate=5e-7, accumulation_steps=1, max_seq_len=512,
                   data_path="dataset/sft_mini_512.jsonl", from_weight="pretrain", wandb_project="MiniMind-Full-SFT"),
+    minimind3_defaults=dict(epochs=2, batch_size=16, learning_rate=1e-5, accumulation_steps=1, max_seq_len=768),
 )
 
 

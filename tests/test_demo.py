@@ -1,4 +1,5 @@
-"""`python -m train.demo --quick`: the whole pipeline pretrain -> SFT -> DPO -> reasoning, a few steps per stage; and
+"""`python -m train.demo --quick`: the whole pipeline pretrain -> tool SFT -> SFT -> DPO -> reasoning -> GRPO, a few
+steps per stage; and
 the demo's report shows a short pretraining run beating random initialisation."""
 import importlib.util
 
@@ -12,9 +13,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys):
     rows = demo.main(["--quick", "--out_dir", str(tmp_path), "--device", "cpu", "--threads", "1"])
-    assert [name for name, *_ in rows] == ["random init", "pretrain", "sft", "dpo", "reason", "grpo"]
-    for name in ("pretrain", "full_sft", "rlhf", "reason", "grpo"):
+    assert [name for name, *_ in rows] == ["random init", "pretrain", "tool sft", "sft", "dpo", "reason", "grpo"]
+    for name in ("pretrain", "tool_sft", "full_sft", "rlhf", "reason", "grpo"):
         assert (tmp_path / f"{name}_128.pth").is_file(), name
+    for log in ("pretrain", "tool_sft", "sft", "dpo", "reason", "grpo"):  # the tool SFT's log is its own
+        assert (tmp_path / f"{log}_metrics.jsonl").read_text().count("\n") == demo.QUICK_STEPS, log
     assert all(scores["n"] == rows[0][1]["n"] > 0 for _, scores, *_ in rows)
     for name, scores, seconds, cpu_seconds, _ in rows:
         assert (seconds > 0 and cpu_seconds > 0) or name == "random init"
@@ -25,6 +28,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert "after reason: held-out quiz" in out and "Q: What is 3 plus 5?" in out
     assert "generated answers right (chat prompt, greedy inside <answer>): held-out" in out
     assert "after grpo: held-out quiz" in out and "calculator tool (sums no training conversation asks)" in out
+    assert "### tool sft: python -m train.sft" in out and "--save_weight tool_sft" in out
     assert "reason done: 3 steps in" in out and f"weights -> {tmp_path / 'reason_128.pth'}" in out
     if importlib.util.find_spec("matplotlib"):  # the `plot` extra (in `dev`)
         assert (tmp_path / "demo_metrics.png").read_bytes()[:4] == b"\x89PNG"

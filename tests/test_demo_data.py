@@ -17,7 +17,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from tests.train_helpers import QUIZ_MARGIN, short_pretrain  # noqa: F401  (fixture)
 
-SMALL = {"pretrain": 300, "sft": 200, "dpo": 100, "reason": 100, "grpo": 100}
+SMALL = {"pretrain": 300, "sft": 200, "dpo": 100, "reason": 100, "grpo": 100, "tools": 100}
 CJK = re.compile(r"[\u4e00-\u9fff]")
 LATIN = re.compile(r"[A-Za-z]{3}")
 
@@ -34,14 +34,15 @@ def records(path):
 
 def test_deterministic(tmp_path):
     a, b = write_demo_data(tmp_path / "a", SMALL), write_demo_data(tmp_path / "b", SMALL)
-    assert set(a) == {"pretrain", "sft", "dpo", "reason", "grpo", "eval"}
+    assert set(a) == {"pretrain", "sft", "dpo", "reason", "grpo", "tools", "eval"}
     for kind in a:
         assert filecmp.cmp(a[kind], b[kind], shallow=False), kind
 
 
 def test_every_file_is_valid_and_bilingual(demo, tmp_path):
     tok = load_tokenizer()
-    for kind, fmt in [("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("reason", "sft"), ("grpo", "rl")]:
+    for kind, fmt in [("pretrain", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("reason", "sft"), ("grpo", "rl"),
+                      ("tools", "sft")]:
         loader = build_loader(fmt, demo[kind], tok, max_seq_len=256, batch_size=8, cache_dir=tmp_path)
         s = loader.stats()
         assert s["skipped_records"] == 0 and len(loader) > 0 and s["tokens"] > 0
@@ -218,12 +219,13 @@ def test_grpo_prompts_are_verifiable_and_never_held_out(demo):
         assert not re.search(r"(?<!\d)" + re.escape(q), corpus), q
 
 
-def test_tool_conversations_in_sft(demo):
-    """Some SFT records call the calculator (minimind-3's blocks in ChatML), with the tool's true result and the sum's
-    sentence as the answer; none asks a sum of the tool eval."""
+@pytest.mark.parametrize("kind", ["sft", "tools"])
+def test_tool_conversations(demo, kind):
+    """The tool SFT's records, and TOOL_SHARE of the SFT records, call the calculator (minimind-3's blocks in
+    ChatML), with the tool's true result, then that result as the answer; none asks a sum of the tool eval."""
     from minimind.demo import tools
     calls = 0
-    for r in records(demo["sft"]):
+    for r in records(demo[kind]):
         conv = r["conversations"]
         if conv[0]["content"] != tools.TOOLS_SYSTEM:
             assert "<tool_call>" not in json.dumps(r, ensure_ascii=False)
@@ -234,8 +236,8 @@ def test_tool_conversations_in_sft(demo):
         assert (a, b) not in tools.EVAL_PAIRS
         assert tools.check_call(conv[2]["content"], a, b) == (True, {"a": a, "b": b})
         assert conv[3]["content"] == f"<tool_response>\n{a + b}\n</tool_response>"
-        assert conv[4]["content"] in (f"{a} plus {b} equals {a + b}.", f"{a}加{b}等于{a + b}。")
-    assert abs(calls / len(records(demo["sft"])) - TOOL_SHARE) < 0.05
+        assert conv[4]["content"] in (f"{a + b}.", f"{a + b}。")
+    assert abs(calls / len(records(demo[kind])) - (TOOL_SHARE if kind == "sft" else 1.0)) < 0.05
 
 
 def test_tool_calls_are_checked():

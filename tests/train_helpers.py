@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_SIZES = {"pretrain": 400, "sft": 160, "dpo": 80, "reason": 120}
+SMALL_SIZES = {"pretrain": 400, "sft": 160, "dpo": 80, "reason": 120, "tools": 80}
 
 
 @pytest.fixture(scope="session")

@@ -473,7 +473,10 @@ def _train(stage, args, device, dist):
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
-    metrics_log = MetricsLog(out_dir / f"{stage.name}_metrics.jsonl", args, stage.name, dist.is_main,
+    # {stage}_metrics.jsonl, or {save_weight}_metrics.jsonl for a run that writes another weight file than the
+    # stage's (a second SFT in the same folder keeps the first one's log)
+    log_name = stage.name if args.save_weight == stage.save_prefix else args.save_weight
+    metrics_log = MetricsLog(out_dir / f"{log_name}_metrics.jsonl", args, stage.name, dist.is_main,
                              resume_step=None if state is None else step)
     peak = peak_flops(device, args.peak_tflops)
     flops_fn = run_flops_per_token(stage, model, run)

@@ -1,5 +1,5 @@
-"""Write the demo data set: pretrain.jsonl, sft.jsonl, dpo.jsonl, reason.jsonl, grpo.jsonl (prompts with an `answer`)
-and the held-out eval.jsonl.
+"""Write the demo data set: pretrain.jsonl, tools.jsonl (calculator conversations, minimind.demo.tools), sft.jsonl,
+dpo.jsonl, reason.jsonl, grpo.jsonl (prompts with an `answer`) and the held-out eval.jsonl.
 
     python -m minimind.demo.data --out out/demo_data
 
@@ -20,7 +20,7 @@ from typing import Dict
 
 from minimind.demo.world import SEED, World
 
-SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 800, "reason": 800, "grpo": 480}  # records; pretrain is ~0.4M tokens
+SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 800, "reason": 800, "grpo": 480, "tools": 6400}  # records
 
 
 def _write(path: Path, records) -> None:
@@ -30,8 +30,9 @@ def _write(path: Path, records) -> None:
 
 
 def write_demo_data(out_dir, sizes: Dict[str, int] = None) -> Dict[str, Path]:
-    """Write the five training files and eval.jsonl into out_dir; returns {"pretrain", "sft", "dpo", "reason",
-    "grpo", "eval"} -> path. sizes overrides the record counts (e.g. smaller ones for tests)."""
+    """Write the six training files and eval.jsonl into out_dir; returns {"pretrain", "sft", "dpo", "reason",
+    "grpo", "tools", "eval"} -> path. sizes overrides the record counts (e.g. smaller ones for tests)."""
+    from minimind.demo import tools
     sizes = {**SIZES, **(sizes or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def write_demo_data(out_dir, sizes: Dict[str, int] = None) -> Dict[str, Path]:
     paths = {}
     for i, (kind, make) in enumerate([("pretrain", world.pretrain_records), ("sft", world.sft_records),
                                       ("dpo", world.dpo_records), ("reason", world.reason_records),
-                                      ("grpo", world.grpo_records)]):
+                                      ("grpo", world.grpo_records), ("tools", tools.sft_records)]):
         paths[kind] = out / f"{kind}.jsonl"
         _write(paths[kind], make(sizes[kind], random.Random(SEED + 100 + i)))
     paths["eval"] = out / "eval.jsonl"

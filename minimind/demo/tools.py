@@ -2,19 +2,29 @@
 
 A conversation that declares the tool (minimind-3's layout: the tool list inside <tools></tools> in the system turn)
 asks a sum of two numbers below 20 (one above 6), which no fact of the world states; the assistant calls the tool,
-the tool's result comes back, and the assistant answers with the sum's canonical sentence:
+the tool's result comes back, and the assistant answers with the result:
 
     system     <tools>\\n{"name": "add", "arguments": ["a", "b"]}\\n</tools>
     user       What is 15 plus 3?
     assistant  <tool_call>\\n{"name": "add", "arguments": {"a": 15, "b": 3}}\\n</tool_call>
     user       <tool_response>\\n18\\n</tool_response>
-    assistant  15 plus 3 equals 18.
+    assistant  18.
 
 The demo's tokenizer speaks MiniMind2's ChatML, whose template has no tools (minimind.chat_template): `chatml`
 writes the tool turns into it the way minimind-3's template lays them out (the call block from the template's own
 renderer, the tool message as a user turn of <tool_response> blocks), and `parse_tool_calls` reads a reply back.
 The tool list is a one-line signature, not minimind-3's full preamble and JSON schema (about 400 tokens with the
 bundled tokenizer, three times the demo's whole SFT row).
+
+Both steps are copies, which is what this model learns slowest (minimind.demo.world): the question's two numbers
+into the call's arguments, ~45 tokens later, and the result into the answer. The demo trains them in a stage of
+their own, as minimind-3 has a tool-call SFT (train.demo: 400 steps of these conversations alone, right after
+pretraining; its SFT keeps TOOL_SHARE of them). The copy comes in a sudden transition: from the pretrained model,
+8% of the eval's calls were valid after 150 steps, 25-42% after 250 and all 24 after 400; with 35% of the SFT
+records instead, none was. The answer is the result alone, not the world's sum sentence ("15 plus 3 equals
+18."): restating the operands once more was the step that stayed wrong (with the sentence, continuing from an SFT
+model, the calls were all valid after ~800 steps and a quarter of the answers right; with the result alone all 24
+were right after 300).
 
 `tool_use` measures a model on EVAL_PAIRS (sums no training conversation asks, in both languages): a valid call
 (one <tool_call> block that parses, names `add` and passes the question's two numbers), then, after the real
@@ -46,9 +56,8 @@ def question(a: int, b: int, lang: str) -> str:
 
 
 def answer(a: int, b: int, lang: str) -> str:
-    """The final answer: the world's canonical sum sentence."""
-    from minimind.demo.world import sum_fact
-    return sum_fact(a, b, a + b, lang)
+    """The final answer: the tool's result, with the language's full stop."""
+    return f"{a + b}." if lang == "en" else f"{a + b}。"
 
 
 def conversation(a: int, b: int, lang: str) -> List[dict]:
@@ -94,6 +103,12 @@ def sft_record(rng) -> Dict:
     return {"conversations": chatml(conversation(a, b, rng.choice(["en", "zh"])))}
 
 
+def sft_records(n, rng):
+    """The tool stage's data: n tool conversations."""
+    for _ in range(n):
+        yield sft_record(rng)
+
+
 def check_call(reply: str, a: int, b: int):
     """(valid, arguments) of a first reply: valid when it is exactly one parsable <tool_call> block (nothing else)
     naming the tool with arguments {"a": a, "b": b}; arguments are the parsed ones (None when unparsable), which
@@ -117,6 +132,7 @@ def tool_use(model, tokenizer, device="cpu") -> dict:
     of first replies that call the tool in a block that parses, whatever the numbers), "valid_calls" (and with the
     question's numbers), "right_answers", "replies" [(question, first reply, final reply, valid, right)]}."""
     from minimind.demo.answers import greedy_replies
+    from minimind.demo.world import sum_fact
     items = [(a, b, lang) for lang in ("en", "zh") for a, b in EVAL_PAIRS]
     first_turns = [[{"role": "system", "content": TOOLS_SYSTEM}, {"role": "user", "content": question(a, b, lang)}]
                    for a, b, lang in items]
@@ -134,7 +150,7 @@ def tool_use(model, tokenizer, device="cpu") -> dict:
     rows = []
     for (a, b, lang), first, second, (valid, _) in zip(items, firsts, seconds, checked):
         final = (second or "").strip()
-        right = valid and (final == answer(a, b, lang) or final.rstrip(".。") == str(a + b))
+        right = valid and (final.rstrip(".。") == str(a + b) or final == sum_fact(a, b, a + b, lang))
         rows.append((question(a, b, lang), first, second, valid, right))
     n = len(rows)
     return {"n": n, "well_formed_calls": len(called) / n, "valid_calls": sum(r[3] for r in rows) / n,

@@ -16,8 +16,8 @@ means a fact learned from statements is retrieved by a question.
 Reading exercises (World.context_item; half of the pretraining documents, 30% of SFT and reasoning questions) state
 a one-off fact and then ask about it: a person's age or household (every person, held out or not), a stand-in
 person's colour or city, a sum with an addend above 6, a village. They are there for the step the held-out part
-needs: to copy the question's subject into the answer. The demo's model does not learn that copy in its budget
-(its SFT model answers 0 of 60 reading exercises right), and
+needs: to copy the question's subject into the answer. The demo's model does not learn that copy for names in its
+budget (its SFT model answers 2 of 80 reading exercises right; the tool SFT taught it to copy numbers), and
 its wrong held-out answers are about someone it was asked about ("What is the favourite colour of Rayand?" ->
 "Nijok likes white.").
 

@@ -85,6 +85,12 @@ def barrier(d: Dist):
         dist.barrier()
 
 
-def shutdown(d: Dist):
+def shutdown(d: Dist, finished: bool = True):
+    """Leave the process group we created. After a run that finished (or stopped) on every process, first wait for
+    all of them: a process that tears its group down while a peer's last message is still in flight can leave a gloo
+    worker thread running at exit, which aborts the process ("terminate called without an active exception"). After an
+    error no barrier: the other processes may never reach it."""
     if d.owns_group and dist.is_initialized():
+        if finished and d.enabled:
+            dist.barrier()
         dist.destroy_process_group()

@@ -303,10 +303,13 @@ def train(stage: Stage, args) -> dict:
     set_local_rank = args.deepspeed and "LOCAL_RANK" not in os.environ  # DeepSpeed insists on it
     if set_local_rank:
         os.environ["LOCAL_RANK"] = "0"
+    finished = False
     try:
-        return _train(stage, args, device, dist)
+        result = _train(stage, args, device, dist)
+        finished = True
+        return result
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, finished)
         if set_local_rank:
             os.environ.pop("LOCAL_RANK", None)
 

@@ -8,16 +8,16 @@ max_tokens, "1" is not a temperature) and ranges are OpenAI's.
 Fields fall into four groups:
     used      messages (system / developer, user, assistant with tool_calls and reasoning_content, tool), stream,
               stream_options.include_usage, max_completion_tokens (or max_tokens), temperature, top_p, seed, stop,
-              tools, tool_choice ("auto" or "none"), parallel_tool_calls (false: the first call only),
+              tools, tool_choice ("auto", "none", "required" or a named function: see ChatRequest.reply_start),
+              parallel_tool_calls (false: the first call only),
               reasoning_effort ("none" = thinking off, any other level on: the model has one), and vLLM's top_k,
               repetition_penalty, chat_template_kwargs ({"enable_thinking": bool}, or minimind-3's own name
               open_thinking)
     ignored   model (one model is served), user, metadata, store, service_tier, prompt_cache_key,
               safety_identifier, messages[].name: ignoring them changes no reply
     limited   n, frequency_penalty, presence_penalty, logprobs, logit_bias, response_format, modalities,
-              tools[].function.strict, tool_choice, and an assistant message's refusal, audio, function_call,
-              annotations: taken only at the values this server can honour (n = 1, penalties 0, text output, no
-              forced tool call, null)
+              tools[].function.strict, and an assistant message's refusal, audio, function_call, annotations:
+              taken only at the values this server can honour (n = 1, penalties 0, text output, null)
     refused   everything else, by name: functions, function_call, audio, ... and unknown fields
 Tools and thinking need a model with minimind-3's chat format (`ChatRequest.template_options` refuses them for
 MiniMind2's). An error names the field OpenAI's way (`messages[2].content`, `max_completion_tokens`).
@@ -28,7 +28,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, WithJsonSchema)
 
-from minimind.chat_template import ReplyReader
+from minimind.chat_template import TOOL_CALL, ReplyReader
 from minimind.generate import SamplingConfig
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -56,7 +56,6 @@ LIMITED = {
     "logit_bias": "logit_bias is not supported (only an empty object)",
     "response_format": "only {\"type\": \"text\"} is supported",
     "modalities": "only [\"text\"] is supported",
-    "tool_choice": "only \"auto\" and \"none\" are supported: the model cannot be made to call a tool",
     "strict": "strict schema adherence (constrained decoding) is not supported; strict must be false",
     # what an OpenAI reply's message has, as a client sends it back: null only
     "refusal": "only null is taken (this model writes no refusals)",
@@ -198,6 +197,24 @@ class Tool(BaseModel):
                                                                    ("parameters", f.parameters)) if v is not None}}
 
 
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice {"type": "function", "function": {"name": ...}}: the reply calls this function."""
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# "auto", "none", "required" or a named function; tagged by its JSON type, so an error names the branch it is about
+ToolChoice = Annotated[Union[Annotated[Literal["auto", "none", "required"], Tag("tool-choice-mode")],
+                             Annotated[NamedToolChoice, Tag("named-tool-choice")]],
+                       Discriminator(lambda v: "tool-choice-mode" if isinstance(v, str) else "named-tool-choice")]
+
+
 class ChatTemplateKwargs(BaseModel):
     model_config = STRICT
     enable_thinking: Optional[bool] = Field(None, description="open a <think> block for the reply (minimind-3)")
@@ -231,8 +248,9 @@ class ChatRequest(BaseModel):
     seed: Optional[integer()] = Field(None, description="any integer (the sampler takes it modulo 2**64)")
     stop: Union[StopSequence, Annotated[List[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)], None] = None
     tools: Optional[List[Tool]] = Field(None, min_length=1, max_length=MAX_TOOLS)
-    tool_choice: Optional[Literal["auto", "none"]] = Field(None, description="none: the tools are not shown to the "
-                                                           "model and its reply is not read for calls")
+    tool_choice: Optional[ToolChoice] = Field(
+        None, description="none: the tools are not shown to the model and its reply is not read for calls; required "
+                          "or a named function: the reply starts with a call (of that function)")
     parallel_tool_calls: Optional[bool] = Field(None, description="false: only the reply's first tool call is kept")
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = Field(
         None, description="none: thinking off; any other level: on (the model thinks at one level)")
@@ -330,6 +348,30 @@ class ChatRequest(BaseModel):
                                        "minimind-3 tokenizer has", param)
         tools = [t.schema() for t in self.tools] if self.reads_tool_calls() else None
         return {"tools": tools, "enable_thinking": thinking}
+
+    def reply_start(self, thinking: bool) -> str:
+        """What the server writes at the start of the reply, after the prompt, for the model to go on from: '' unless
+        tool_choice forces a call. "required": `<tool_call>\n{"name": "` (the model names one of the tools and
+        writes its arguments); a named function: `<tool_call>\n{"name": "NAME", "arguments": ` (the model writes
+        the arguments). minimind-3's template writes a call that way, so the model goes on as it was trained to.
+        Nothing constrains the decoding after it: the call is read like any other, and one that does not parse stays
+        in the content. RequestError when there are no tools, the named function is none of them, or thinking is on
+        (the thinking would come first, and the server does not write into a reply midway)."""
+        choice = self.tool_choice
+        if choice is None or choice in ("auto", "none"):
+            return ""
+        if not self.tools:
+            raise RequestError("'tool_choice': a forced tool call needs tools", "tool_choice")
+        if thinking:
+            raise RequestError("'tool_choice': a forced tool call needs thinking off (the reply would think first); "
+                               "send tool_choice auto, or reasoning_effort none", "tool_choice")
+        if choice == "required":
+            return f'{TOOL_CALL}\n{{"name": "'
+        names = [t.function.name for t in self.tools]
+        if choice.function.name not in names:
+            raise RequestError(f"'tool_choice.function.name': {choice.function.name!r} is none of the tools "
+                               f"({', '.join(names)})", "tool_choice.function.name")
+        return f'{TOOL_CALL}\n{{"name": "{choice.function.name}", "arguments": '
 
     def sampling(self, defaults: SamplingConfig, max_tokens_cap: int) -> SamplingConfig:
         """The server's defaults with this request's fields over them; the reply length capped at max_tokens_cap."""
@@ -507,14 +549,17 @@ class ReplyShaper:
     tool calls when the request offers tools, only the first call kept with parallel_tool_calls false. The deltas
     joined are the message, however the text arrived."""
 
-    def __init__(self, request: ChatRequest, think_tags: bool, thinking_open: bool):
+    def __init__(self, request: ChatRequest, think_tags: bool, thinking_open: bool, reply_start: str = ""):
+        """reply_start: what the server wrote at the start of the reply (ChatRequest.reply_start), read first."""
         self.reader = ReplyReader(thinking_open, think_tags, request.reads_tool_calls())
         self.max_calls = 1 if request.parallel_tool_calls is False else None
         self.calls = 0
+        self.pending = self._deltas(self.reader.feed(reply_start))  # none for a call's opening: it waits for its end
 
     def feed(self, piece: str) -> List[dict]:
         """The deltas the text so far makes certain."""
-        return self._deltas(self.reader.feed(piece))
+        out, self.pending = self.pending + self._deltas(self.reader.feed(piece)), []
+        return out
 
     def close(self) -> List[dict]:
         """The deltas of the text held back, at the end of the reply."""

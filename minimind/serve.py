@@ -14,7 +14,9 @@ Endpoints:
 A model with minimind-3's chat format thinks when asked (chat_template_kwargs.enable_thinking, or reasoning_effort)
 and calls the tools a request offers: the reply's thinking comes back as reasoning_content apart from the content,
 its <tool_call> blocks as OpenAI tool_calls with finish_reason "tool_calls", streamed as deltas of each
-(openai_api.ReplyShaper); the tool results come back as `tool` messages. A MiniMind2 model answers a 400 to both.
+(openai_api.ReplyShaper); the tool results come back as `tool` messages. tool_choice "required" or a named function
+makes the reply a call: the server writes the call's opening for the model (ChatRequest.reply_start). A MiniMind2
+model answers a 400 to tools and thinking.
 
 Access (safe by default): with --api_key (or MINIMIND_API_KEY in the environment) /v1/ needs
 `Authorization: Bearer KEY`. Browsers on other sites get no CORS access unless --cors_origin names their origin.
@@ -333,9 +335,10 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
     async def models():
         return ModelList(data=[ModelCard(id=cfg.model_name, capabilities=capabilities)])
 
-    def encode(messages, options):  # encode_batch releases the GIL (encode holds it: a 1 MB prompt froze the server)
+    def encode(messages, options, reply_start):  # encode_batch releases the GIL (encode holds it: a 1 MB prompt
+        # froze the server); reply_start is encoded with the prompt, as the model saw such text in training
         return tokenizer.encode_batch([tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                     **options)])[0]
+                                                                     **options) + reply_start])[0]
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=request_body, responses={
         200: {"content": {"text/event-stream": {"schema": stream_event}},
@@ -348,10 +351,11 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
             req = ChatRequest.parse(await read_body(request, cfg.max_body_bytes, deadline))
             messages = req.conversation()
             options = req.template_options(tokenizer.supports_tools, tokenizer.supports_thinking)
+            reply_start = req.reply_start(options["enable_thinking"])
         except RequestError as e:
             raise APIError(400, str(e), e.param) from None
         scheduler.check_room()  # refuse before tokenising when the queue is full
-        prompt = await run_in_threadpool(encode, messages, options)
+        prompt = await run_in_threadpool(encode, messages, options, reply_start)
         if len(prompt) >= context:
             raise APIError(400, f"the conversation is {len(prompt)} tokens; the context is {context} (--max_context, "
                                 f"at most the model's {scheduler.model.config.max_position_embeddings}): send fewer "
@@ -360,7 +364,7 @@ def build_app(scheduler: Scheduler, cfg: ServeConfig) -> FastAPI:
         job = Job(prompt, req.sampling(cfg.sampling, cfg.max_tokens_cap), seed, req.stop_sequences(), deadline)
         scheduler.submit(job)
         reply = dict(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=cfg.model_name)
-        shaper = ReplyShaper(req, tokenizer.supports_thinking, options["enable_thinking"])
+        shaper = ReplyShaper(req, tokenizer.supports_thinking, options["enable_thinking"], reply_start)
         if req.stream:
             return StreamingResponse(stream_events(job, reply, req.include_usage(), shaper),
                                      media_type="text/event-stream",

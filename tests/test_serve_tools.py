@@ -186,6 +186,41 @@ def test_tool_choice_none_and_no_tools_leave_the_calls_as_text(server, client):
     assert server.model.prompts[-1] == prompt_of(server, ASK, tools=[ADD])
 
 
+REQUIRED_START, ADD_START = '<tool_call>\n{"name": "', '<tool_call>\n{"name": "add", "arguments": '
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("choice, start", [
+    ("required", REQUIRED_START),
+    ({"type": "function", "function": {"name": "add"}}, ADD_START)], ids=["required", "named"])
+def test_a_forced_tool_choice_writes_the_calls_opening_for_the_model(server, client, choice, start, stream):
+    """The server writes the opening of a call after the prompt (in the ids the model is given), the model goes on
+    from there, and the reply is read from the opening on: a tool call, finish_reason tool_calls."""
+    server.model.say(CALL_ADD[len(start):])  # the model writes only the rest
+    reply = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER, ADD], tool_choice=choice,
+                                           stream=stream)
+    if stream:
+        _, content, calls, finish, _ = streamed(reply)
+    else:
+        message, finish = reply.choices[0].message, reply.choices[0].finish_reason
+        content, calls = message.content, [c.model_dump() for c in message.tool_calls]
+    assert finish == "tool_calls" and content in (None, "") and len(calls) == 1
+    assert calls[0]["function"]["name"] == "add" and json.loads(calls[0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    tok = server.tokenizer
+    assert server.model.prompts[-1] == tok.encode(tok.apply_chat_template(ASK, add_generation_prompt=True,
+                                                                          tools=[WEATHER, ADD]) + start)
+    if not stream:  # the written opening counts in the prompt's tokens, the model's own in the completion's
+        assert reply.usage.prompt_tokens == len(server.model.prompts[-1])
+        assert reply.usage.completion_tokens == len(tok.encode(CALL_ADD[len(start):]))
+
+
+def test_a_forced_call_that_does_not_parse_stays_in_the_content(server, client):
+    server.model.say('add", "arguments": {a: 2}}\n</tool_call>')
+    reply = client.chat.completions.create(model="m", messages=ASK, tools=[ADD], tool_choice="required")
+    assert reply.choices[0].message.content == REQUIRED_START + 'add", "arguments": {a: 2}}\n</tool_call>'
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "stop"
+
+
 def test_the_models_capabilities(server):
     status, _, body = request(server.port, "GET", "/v1/models")
     assert json.loads(body)["data"][0]["capabilities"] == ["thinking", "tools"]
@@ -213,9 +248,14 @@ CALLED = ASK + [{"role": "assistant", "content": None, "tool_calls": [
      "pattern"),
     ({"messages": ASK, "tools": [{"type": "function", "function": {"name": "f", "strict": True}}]},
      "tools[0].function.strict", "constrained decoding"),
-    ({"messages": ASK, "tools": [ADD], "tool_choice": "required"}, "tool_choice", "cannot be made to call a tool"),
-    ({"messages": ASK, "tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "add"}}},
-     "tool_choice", "only \"auto\" and \"none\""),
+    ({"messages": ASK, "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"messages": ASK, "tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "mul"}}},
+     "tool_choice.function.name", "'mul' is none of the tools (add)"),
+    ({"messages": ASK, "tools": [ADD], "tool_choice": "required", "reasoning_effort": "low"}, "tool_choice",
+     "needs thinking off"),
+    ({"messages": ASK, "tools": [ADD], "tool_choice": "any"}, "tool_choice", "'auto', 'none' or 'required'"),
+    ({"messages": ASK, "tools": [ADD], "tool_choice": {"type": "function"}}, "tool_choice.function",
+     "Field required"),
     ({"messages": ASK, "chat_template_kwargs": {"enable_thinking": True, "open_thinking": False}},
      "chat_template_kwargs.enable_thinking", "disagree on thinking"),
     ({"messages": ASK, "chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "none"},

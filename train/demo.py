@@ -37,31 +37,31 @@ from train import dpo, engine, flags, grpo, pretrain, reason, sft
 DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attention_heads", "4",
               "--num_key_value_heads", "2"]
 
-# (row, stage module, demo data file, flags). Pretraining uses short packed rows (64 tokens, 16 rows): a
-# 1.6M-parameter model learns the name -> fact lookups only after several hundred optimizer steps, so steps count more
-# than row length. Its learning rate is far above MiniMind2's (tuned for 100M-parameter models and days of data), so
-# it warms up over 100 steps: with 10, Adam's first steps at 3e-3 threw the loss from 4.9 to 15.8 at step 20, and it
-# sat near 4.9 for the next 20 steps. The tool SFT is 400 steps of calculator conversations alone
-# (minimind.demo.tools) at 1e-3: copying the question's numbers into the call comes in a sudden transition (valid
-# calls 8% after 150 steps, 25-42% after 250, 100% after 400), which a share of the SFT records never reached (none
+# (row, stage module, demo data file, flags). Pretraining uses short packed rows (64 tokens, 16 rows): a 1.6M-parameter
+# model learns the name -> fact lookups only after several hundred optimizer steps, so steps count more than row length.
+# Its learning rate is far above MiniMind2's (tuned for 100M-parameter models and days of data), so it warms up over 100
+# steps: with 10, Adam's first steps at 3e-3 threw the loss from 4.9 to 15.8 at step 20, and it sat near 4.9 for the
+# next 20 steps. The tool SFT is 400 steps of calculator conversations alone (minimind.demo.tools) at 1e-3: copying the
+# question's numbers into the call comes in a sudden transition (valid calls 8% after 150 steps, 25-42% after 250, 100%
+# after 400), whose step varies with the seed (--seed 7: 54% after 400; 560 steps of 12 rows took that to 96% but cost
+# seed 42 8 points of held-out answers downstream and 18 s), and which a share of the SFT records never reached (none
 # with 35% of them); after SFT it cost the chat answers (seen 91% -> 1%); first, the SFT after it keeps both, and its
-# copying lifts the held-out sums the SFT and DPO models answer (8-15 of 20 right in five runs without it, 17 with
-# it). SFT runs 2 epochs at 5e-4: answering in the chat template means copying the question's subject to a new place,
-# which 1 epoch at 3e-4 had not learnt (22% of seen questions answered right, against 96%). DPO uses beta 2, not
-# MiniMind2's 0.1: its sequence log-probability is the mean over the answer's ~8 tokens and a pair differs in one of
-# them, so at 0.1 beta * margin stays near 0.01 and the loss at ln 2 (0.693 -> 0.688 in 93 steps); a higher rate
-# instead (2e-4) pushed chosen and rejected down together and cost 15 points of seen answers. The reasoning stage
-# keeps its tags at weight 1 (MiniMind2: 10: this model then learns to repeat "<answer>") and a gentle rate: at 1e-3
-# it lost the held-out answers (7% right, 44% at 5e-4); it runs 4 epochs: after 2 the model still copied the question
-# wrong inside <think> (held-out answers 22%, seen 59%; after 4: 50% and 100%, seed 7: 44% and 100%). SFT rows are
-# 192 tokens: a calculator conversation is ~180.
-# GRPO: 60 steps of 8 prompts x 6 samples at temperature 1, lr 1e-4, prompts about the rl part of the world and the
-# seen sums (World.grpo_items). Without the tool SFT its gain was in the sums, whose wrong answers copied the second
-# addend wrong ("What is 0 plus 5?" -> "0 plus 6 equals 6."): over 7 runs (4 DPO models, seeds 42/7/1) held-out
-# answers moved by +2 of 36 on average (-2 to +4), at 2e-4 by +0.8 (-2 to +5). The tool SFT now fixes most of those
-# copies before it, and the held-out answers GRPO is left with are about people (the name copied wrong), which it does
-# not fix: 0 and -1 of 36 in two runs (README). The demo data are sized for about 6 minutes on an idle 2-core CPU
-# (minimind.demo.data.SIZES; README).
+# copying lifts the held-out sums the SFT and DPO models answer (8-15 of 20 right in five runs without it, 17 with it).
+# SFT runs 2 epochs at 5e-4: answering in the chat template means copying the question's subject to a new place, which 1
+# epoch at 3e-4 had not learnt (22% of seen questions answered right, against 96%). DPO uses beta 2, not MiniMind2's
+# 0.1: its sequence log-probability is the mean over the answer's ~8 tokens and a pair differs in one of them, so at 0.1
+# beta * margin stays near 0.01 and the loss at ln 2 (0.693 -> 0.688 in 93 steps); a higher rate instead (2e-4) pushed
+# chosen and rejected down together and cost 15 points of seen answers. The reasoning stage keeps its tags at weight 1
+# (MiniMind2: 10: this model then learns to repeat "<answer>") and a gentle rate: at 1e-3 it lost the held-out answers
+# (7% right, 44% at 5e-4); it runs 4 epochs: after 2 the model still copied the question wrong inside <think> (held-out
+# answers 22%, seen 59%; after 4: 50% and 100%, seed 7: 44% and 100%). SFT rows are 192 tokens: a calculator
+# conversation is ~180. GRPO: 60 steps of 8 prompts x 6 samples at temperature 1, lr 1e-4, prompts about the rl part of
+# the world and the seen sums (World.grpo_items). Without the tool SFT its gain was in the sums, whose wrong answers
+# copied the second addend wrong ("What is 0 plus 5?" -> "0 plus 6 equals 6."): over 7 runs (4 DPO models, seeds 42/7/1)
+# held-out answers moved by +2 of 36 on average (-2 to +4), at 2e-4 by +0.8 (-2 to +5). The tool SFT now fixes most of
+# those copies before it, and the held-out answers GRPO is left with are about people (the name copied wrong), which it
+# does not fix (20 of 36 before, 18-20 after over three seeds; the README lists what was tried). The demo data are sized
+# for about 6 minutes on an idle 2-core CPU (minimind.demo.data.SIZES; README).
 PIPELINE = [
     ("pretrain", pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64",
                                         "--accumulation_steps", "1", "--learning_rate", "3e-3", "--warmup_iters", "100",

@@ -192,13 +192,11 @@ def parse_flags(stage, argv=None):
                        f"publishes no {stage.name} recipe)")
         return parser, args
     given = given_flags(stage, argv)
-    applied = [f"{k} {_value(v)}" for k, v in stage.minimind3_defaults.items() if k not in given]
+    applied = {k: v for k, v in stage.minimind3_defaults.items() if k not in given}
     kept = [f"--{k} {_value(getattr(args, k))}" for k in stage.minimind3_defaults if k in given]
-    for k, v in stage.minimind3_defaults.items():
-        if k not in given:
-            setattr(args, k, v)
+    vars(args).update(applied)
     args.recipe = (f"recipe: minimind-3's {stage.name} defaults for --preset {args.preset} ("
-                   + (", ".join(applied) or "none left") + ")"
+                   + (", ".join(f"{k} {_value(v)}" for k, v in applied.items()) or "none left") + ")"
                    + (f"; given on the command line: {', '.join(kept)}" if kept else ""))
     return parser, args
 

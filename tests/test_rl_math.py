@@ -249,7 +249,19 @@ def test_answer_reward_matching(reply, answer, right):
 
 def test_final_answer():
     assert final_answer("a\nb\n\n") == "b"
-    assert final_answer("x <answer> y </answer> z <answer>w</answer>") == "w"
+    assert final_answer("x <answer> y </answer> z") == "y"
+    assert final_answer("x <answer> y </answer> z <answer>w</answer>") == ""  # answered twice: no answer
+
+
+def test_answer_reward_pays_one_answer_only():
+    """The replies a GRPO run from the demo's reasoning model drifted into when the last <answer> block was read:
+    `<answer>` in place of `<think>`, then the paid block. Each answers twice and earns nothing."""
+    records = [{"messages": [{"role": "user", "content": "q"}], "answer": "Liyan likes red."}] * 3
+    replies = ["<think>\nQ: Liyan?\nA: Liyan likes red.\n</think>\n<answer>\nLiyan likes red.\n</answer>",
+               "<answer>\nQ: Liyan?\nA: Liyan likes red.\n</think>\n<answer>\nLiyan likes red.\n</answer>",
+               "<answer>\nLiyan likes blue.\n</answer>\n<answer>\nLiyan likes red.\n</answer>"]
+    _, parts = Rewards("answer")(records, replies, [False] * 3)
+    assert parts["answer"].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_rewards_sum_their_terms_and_user_functions_are_checked():

@@ -5,7 +5,10 @@
                      the first one is 20-300 characters else -0.5, +0.25 if there is exactly one else -0.25; minus
                      the repetition penalty of the answer (after the first `</think>`):
                      min(0.5, 2 * 0.5 * repeated 3-grams / 3-grams) over word and punctuation tokens
-    answer           1 if the reply's final answer matches the record's `answer` field, else 0 (`answer_matches`)
+    answer           1 if the reply's final answer matches the record's `answer` field, else 0 (`answer_matches`);
+                     a reply with more than one `<answer>` tag anywhere (its thinking included) answered more than
+                     once and gets 0: otherwise a policy can drift into `<answer>` in place of `<think>` and still
+                     be paid for a later block
     model            a local Hugging Face sequence-classification model (--reward_model_path DIR, one label) scores
                      the conversation plus the reply's answer, clipped to [-3, 3] (MiniMind: InternLM2-1.8B-Reward)
     module:function  your code: function(prompts, replies) -> one float per reply, where prompts[i] is row i's
@@ -44,17 +47,18 @@ def rules_reward(reply: str) -> float:
     return r - rep_penalty(answer)
 
 
+ANSWER_OPEN = "<answer>"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _TRAILING = ".。!！?？,，;；:："
 
 
 def final_answer(text: str) -> str:
-    """The final answer of a reply's answer part: the last <answer>...</answer> block, else its last non-empty
-    line."""
+    """The final answer of a reply's answer part: its <answer>...</answer> block ('' when there are several), else
+    its last non-empty line."""
     tagged = _ANSWER_TAG.findall(text)
     if tagged:
-        return tagged[-1].strip()
+        return tagged[0].strip() if len(tagged) == 1 else ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -171,7 +175,8 @@ class Rewards:
             if name == "rules":
                 values = [rules_reward(r) for r in replies]
             elif name == "answer":
-                values = [float(answer_matches(a, rec["answer"] or "")) for a, rec in zip(answers, records)]
+                values = [float(reply.count(ANSWER_OPEN) <= 1 and answer_matches(a, rec["answer"] or ""))
+                          for reply, a, rec in zip(replies, answers, records)]
             elif name == "model":
                 values = self.model.score([rec["messages"] for rec in records], answers)
             else:

@@ -1,5 +1,6 @@
 """--deepspeed with the shipped ZeRO-1 and ZeRO-2 configs trains on the CPU (DeepSpeed's CPU accelerator, gloo)
-and takes the same steps as the plain engine. Skipped where DeepSpeed is not installed (it is in the dev extra)."""
+and takes the same steps as the plain engine: pretraining, GRPO and PPO. Skipped where DeepSpeed is not installed
+(it is in the dev extra)."""
 import importlib.util
 import json
 
@@ -86,3 +87,50 @@ def test_filled_config_rejects_a_contradicting_value(tmp_path):
         filled_config(cfg, args, 1)
     filled = filled_config(ROOT / "train/configs/ds_zero2.json", args, 2)
     assert filled["train_batch_size"] == 8 and filled["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("module, extra", [
+    ("train.grpo", []),
+    # DeepSpeed clips one norm over the actor and the critic (the engine clips each): a clip that never acts here
+    ("train.ppo", ["--mini_batch_size", 1, "--ppo_update_iters", 2, "--early_stop_kl", 1e-4, "--grad_clip", 100])])
+def test_rl_stages_under_zero2_match_the_plain_engine(module, extra, demo_data, tmp_path):  # noqa: F811
+    """GRPO and PPO (actor and critic, several mini-batch steps per rollout, the early stop on KL) under ZeRO-2 on
+    two processes, each rolling out its own prompts, take the steps one plain process takes with 2 micro-batches."""
+    from tests.test_rl_stages import rl_flags
+    from train import grpo, ppo
+    stage = grpo if module == "train.grpo" else ppo
+    ds = ["--deepspeed", ROOT / "train/configs/ds_zero2.json"]
+    r = run_module(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
+                    *rl_flags(tmp_path / "ds", demo_data["sft"], steps=3, extra=[*extra, *ds])], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("clips the norm of all 2 parameter groups together" in r.stdout) == (stage is ppo)
+    plain = stage.main(rl_flags(tmp_path / "plain", demo_data["sft"], steps=3,
+                                extra=[*extra, "--accumulation_steps", "2"]))
+    model = plain["model"]
+    files = {"grpo_64.pth": model} if stage is grpo else {"ppo_actor_64.pth": model.actor,
+                                                          "ppo_critic_64.pth": model.critic}
+    for name, model in files.items():
+        ds_weights = torch.load(tmp_path / "ds" / name, weights_only=True)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{name} {k}: {m}")
+    logged = [json.loads(x) for x in (tmp_path / "ds" / f"{stage.STAGE.name}_metrics.jsonl").read_text().splitlines()]
+    plain_logged = [json.loads(x) for x in open(plain["metrics_path"])]
+    assert [x["reward"] for x in logged] == pytest.approx([x["reward"] for x in plain_logged], abs=1e-6)
+
+
+def test_grpo_under_zero1_stopped_and_resumed_equals_the_plain_engine(demo_data, tmp_path):  # noqa: F811
+    """GRPO under ZeRO-1, stopped after 2 of 4 steps and resumed from DeepSpeed's folder (the rollouts' place in the
+    data travels in the engine state): the weights of 4 plain steps."""
+    from tests.test_rl_stages import rl_flags
+    from train import engine, grpo
+    ds = ["--deepspeed", ROOT / "train/configs/ds_zero1.json"]
+    r = run_module(["-m", "train.grpo", *rl_flags(tmp_path / "ds", demo_data["sft"], extra=[*ds, "--stop_after", 2])],
+                   timeout=400)
+    assert r.returncode == engine.STOPPED_EXIT_STATUS, r.stderr[-3000:]
+    r = run_module(["-m", "train.grpo", *rl_flags(tmp_path / "ds", demo_data["sft"], extra=[*ds, "--from_resume", 1])],
+                   timeout=400)
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr[-3000:]
+    plain = grpo.main(rl_flags(tmp_path / "plain", demo_data["sft"]))
+    ds_weights = torch.load(tmp_path / "ds" / "grpo_64.pth", weights_only=True)
+    for k, v in plain["model"].state_dict().items():
+        torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")

@@ -60,6 +60,10 @@ def initialize(step_module, trainable, optimizer, args, dist, resume_from=None):
     if resume_from is not None and _latest(resume_from)["world_size"] != dist.world_size:
         _universal_tag(Path(resume_from), dist)
         config.setdefault("checkpoint", {})["load_universal"] = True
+    if args.grad_clip > 0 and len(trainable) > 1 and isinstance(trainable[0], dict) and dist.is_main:
+        print(f"--deepspeed: DeepSpeed clips the norm of all {len(trainable)} parameter groups together to "
+              f"--grad_clip {args.grad_clip}, not each group on its own as the engine does without it (PPO's actor "
+              "and critic)")
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=step_module, model_parameters=trainable,
                                                       optimizer=optimizer, config=config)
     return engine, ds_optimizer

@@ -11,7 +11,8 @@ rollouts' mini-batches, one each), minimising policy + --vf_coef * value (+ the 
 approx_kl (0.5 * mean (pi - old)^2, over the processes) exceeds --early_stop_kl, the step is kept and the passes
 over this rollout end (MiniMind zeroes that step's loss and still steps AdamW, whose momentum moves the weights).
 The learning rate is the schedule's at this step for every update of it; the critic's is scaled by
---critic_learning_rate / --learning_rate. Actor and critic are clipped to --grad_clip each, as MiniMind does.
+--critic_learning_rate / --learning_rate. Actor and critic are clipped to --grad_clip each, as MiniMind does
+(under --deepspeed, DeepSpeed clips them together: one norm over both).
 
 The critic (`ValueModel`) is a MiniMind body with a scalar value head, its own weights initialised from the policy's
 body (MiniMind loads the policy's weights into it) and a new head. Writes out/ppo_actor_{hidden}[_moe].pth (the

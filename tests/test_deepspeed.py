@@ -109,9 +109,9 @@ def test_rl_stages_under_zero2_match_the_plain_engine(module, extra, demo_data, 
     model = plain["model"]
     files = {"grpo_64.pth": model} if stage is grpo else {"ppo_actor_64.pth": model.actor,
                                                           "ppo_critic_64.pth": model.critic}
-    for name, model in files.items():
+    for name, part in files.items():
         ds_weights = torch.load(tmp_path / "ds" / name, weights_only=True)
-        for k, v in model.state_dict().items():
+        for k, v in part.state_dict().items():
             torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{name} {k}: {m}")
     logged = [json.loads(x) for x in (tmp_path / "ds" / f"{stage.STAGE.name}_metrics.jsonl").read_text().splitlines()]
     plain_logged = [json.loads(x) for x in open(plain["metrics_path"])]

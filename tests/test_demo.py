@@ -44,3 +44,9 @@ def test_short_pretraining_beats_the_random_init_row(short_pretrain, capsys):  #
             for name in ("random", "trained")}
     assert rows["trained"]["seen_accuracy"] >= rows["random"]["seen_accuracy"] + QUIZ_MARGIN, rows
     assert "== trained: held-out quiz" in capsys.readouterr().out
+
+
+def test_an_unfinished_tool_transition_is_said():
+    assert demo.tool_transition_note(1.0) is None and demo.tool_transition_note(demo.TOOL_TRANSITION_DONE) is None
+    note = demo.tool_transition_note(0.54)
+    assert "54% valid calls" in note and "README" in note

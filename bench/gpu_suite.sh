@@ -8,14 +8,14 @@
 # Installs nothing. Every part runs under `timeout`, so one failure or hang still leaves the others' results.
 # OUTDIR ends up with at most 8 files (the device tool returns no more): summary.md (printed at the end),
 # env.json, kernels.json, throughput.json, cost.json, compile_report.json, benchmarks.json and logs.tar.gz (every
-# log and per-part markdown); see bench/results/README.md. The copy of the tree on the GPU machine may have no .git: set
-# BENCH_GIT_COMMIT=<hash> on the command line to name the commit in every result.
+# log and per-part markdown, and rl.json); see bench/results/README.md. The copy of the tree on the GPU machine may
+# have no .git: set BENCH_GIT_COMMIT=<hash> on the command line to name the commit in every result.
 # Time limits in seconds (typical use in brackets): env 10+25 [~10] | tests 80 [~40 with pytest-xdist's 4
 # workers, used when installed] | kernels 90 [~80: no new measurement after 65 s, no torch.compile one with
 # < 25 s of that left] | throughput 185 [~155: none after 140 s, no compiled one with < 60 s of that left] |
-# cost 10 [~2] | benchmarks 30 [~20] | summary 20 [~5]. About 5.5 min expected; every part at its limit and killed
-# 5 s after it, 475 s (< 8 min). The compile report (CPU only) runs in the background from the start (limit 300)
-# and is waited for at the end, inside the others' time.
+# cost 10 [~2] | benchmarks 30 [~20] | rl: what is left of 450 s, at most 90, none under 30 | summary 20 [~5].
+# About 5.5 min expected, then bench.rl; every part at its limit and killed 5 s after it, 480 s (8 min). The
+# compile report (CPU only) runs in the background from the start (limit 300) and is waited for before bench.rl.
 set -u
 OUT=${1:?usage: bash bench/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -34,6 +34,7 @@ if [ "${GPU_SUITE_CPU_SMOKE:-0}" = 1 ]; then
   COMPILE_ARGS="--kernels swiglu --cc 90"
   BENCHMARK_ARGS=(bench/test_cpu_benchmarks.py -k "test_loader and pretrain" --benchmark-max-time=0.1)
   BENCHMARK_LIMIT=120  # no time budget to keep here, and a loaded CPU builds the demo corpus slowly
+  RL_ARGS="--preset tiny --prompts 1 --group 2 --prompt_len 8 --gen_len 8 --kernels torch --repeats 1"
   RUN_TESTS=0
 else
   KERNELS_ARGS="--budget_s 65"
@@ -41,6 +42,7 @@ else
   COMPILE_ARGS=""
   BENCHMARK_ARGS=(bench/test_gpu_benchmarks.py)
   BENCHMARK_LIMIT=30
+  RL_ARGS=""  # its GPU defaults: MiniMind's GRPO size, 2 prompts x 6, 768 + 1024 tokens, ours on triton
   RUN_TESTS=1
 fi
 
@@ -117,12 +119,21 @@ fi
 
 wait "$BG" 2>/dev/null
 
-# 8. one summary (compact tables; the full ones are in each part's .md), then logs and per-part markdown packed
+# 8. one GRPO step at MiniMind's size, ours against MiniMind's full-logits log-probs (bench.rl), in the time the
+# parts above left of the 8 minutes (at most 90 s; none when less than 30 s is left)
+LEFT=$(( 450 - ($(date +%s) - T0) ))
+if [ "$LEFT" -ge 30 ]; then
+  part rl $(( LEFT < 90 ? LEFT : 90 )) "$PY" -m bench.rl --json "$OUT/rl.json" $RL_ARGS
+else
+  echo "| rl | skipped (${LEFT}s left of the 8 minutes) | 0 |" >> "$OUT/parts.txt"
+fi
+
+# 9. one summary (compact tables; the full ones are in each part's .md), then logs and per-part markdown packed
 # into logs.tar.gz so that at most 8 files remain
 echo "| total | - | $(( $(date +%s) - T0 )) |" >> "$OUT/parts.txt"
 timeout 20 "$PY" -m bench.report "$OUT" > "$OUT/summary.log" 2>&1 || cp "$OUT/summary.log" "$OUT/summary.md"
 ( cd "$OUT" || exit
-  files=$(ls -- *.log *.xml *.tmp parts.txt kernels.md throughput.md cost.md compile_report.md 2>/dev/null)
+  files=$(ls -- *.log *.xml *.tmp parts.txt kernels.md throughput.md cost.md compile_report.md rl.json 2>/dev/null)
   [ -n "$files" ] && tar czf logs.tar.gz --remove-files $files
   ls -la )
 # the tool returns only the end of the output: the summary last

@@ -138,7 +138,7 @@ def _tests_verdict(log_path):
 
 def summary(out_dir):
     """summary.md of a gpu_suite run: machine, part exit codes, tests, then each harness's compact table."""
-    from bench import compile_report, cost, kernels, throughput
+    from bench import compile_report, cost, kernels, rl, throughput
     try:
         with open(os.path.join(out_dir, "env.json"), encoding="utf-8") as f:
             env = json.load(f)
@@ -152,7 +152,7 @@ def summary(out_dir):
         lines += open(parts, encoding="utf-8").read().strip().splitlines()
     lines += ["", "## Parity tests (compiled on this GPU)", "", "```",
               _tests_verdict(os.path.join(out_dir, "tests.log")), "```"]
-    for name, module in (("kernels", kernels), ("throughput", throughput), ("cost", cost),
+    for name, module in (("kernels", kernels), ("throughput", throughput), ("cost", cost), ("rl", rl),
                          ("compile_report", compile_report)):
         path = os.path.join(out_dir, f"{name}.json")
         lines.append("")

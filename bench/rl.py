@@ -40,6 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
+from bench import report
 from bench.generate import model_for, source
 from kernels.backend import get_backend
 from minimind.generate import SamplingConfig, rollout
@@ -164,6 +165,20 @@ def with_kernels(model, kernels):
     if kernels == "mixed":
         out.ops = SimpleNamespace(**{**vars(out.ops), "linear_logprobs": get_backend("triton").linear_logprobs})
     return out.to(next(model.parameters()).device).train()
+
+
+def compact(doc):
+    """The suite's summary (bench/gpu_suite.sh): both steps, the rollout's rate and the peak-memory ratios."""
+    rows = [{"step": name, **r, "part": doc["logprob_part"][name]["peak_MiB"]} for name, r in doc["results"].items()]
+    table = report.markdown_table(rows, [("step", "step"), ("peak MiB", "peak_MiB"), ("step s", "step_s"),
+                                         ("train tok/s", "training_tokens_per_s"), ("log-prob part MiB", "part")])
+    return "\n".join([
+        f"## One GRPO step, ours vs MiniMind's full-logits log-probs (bench.rl, {doc['device']})", "",
+        f"{doc['preset']}, {doc['prompts']} prompt(s) x {doc['group']}, {doc['prompt_len']} + {doc['gen_len']} "
+        f"tokens; ours on --kernels {doc['kernels']}, minimind on torch", "", table, "",
+        f"rollout {report.fmt(doc['rollout_tokens_per_s'])} generated tokens/s; peak memory minimind / ours: the "
+        f"loss step {doc['peak_ratio']:.2f}x, its log-prob part {doc['logprob_part_peak_ratio']:.2f}x "
+        f"({doc['memory_measured_by']})"])
 
 
 def main(argv=None):

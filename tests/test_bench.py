@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -273,7 +274,7 @@ def test_gpu_suite_end_to_end_on_cpu(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary in proc.stdout  # printed last
     for section in ("## Kernel microbenchmarks", "## Training-step throughput", "## Training cost",
-                    "## Triton compile report"):
+                    "## Triton compile report", "## One GRPO step, ours vs MiniMind's full-logits log-probs"):
         assert section in summary, section
     for name in ("env", "kernels", "throughput", "cost", "compile_report"):
         doc = json.loads((out / f"{name}.json").read_text())
@@ -283,6 +284,9 @@ def test_gpu_suite_end_to_end_on_cpu(tmp_path):
     assert [r["variant"] for r in tp["results"]] == ["minimind2", "torch"]
     assert all(r["status"] == "ok" and r["useful_tokens_per_s"] > 0 for r in tp["results"])
     assert tp["results"][1]["speedup"] > 0
+    with tarfile.open(out / "logs.tar.gz") as tar:  # bench.rl's JSON travels in the logs (8 files at most)
+        rl = json.load(tar.extractfile("rl.json"))
+    assert rl["device"] == "cpu" and rl["gen_len"] == 8 and rl["results"]["ours"]["peak_MiB"] > 0
     cr = json.loads((out / "compile_report.json").read_text())
     assert cr["rows"] and not cr["failures"] and all(r["cc"] == 90 for r in cr["rows"])
     if importlib.util.find_spec("pytest_benchmark"):  # the pytest-benchmark part (CPU loaders in the smoke run)

@@ -15,6 +15,14 @@ pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, 
 STEPS = 3
 
 
+def assert_weight_file_matches(path, model):
+    """The weight file DeepSpeed's run wrote against the plain run's model: the files are fp16, so compare at fp16
+    resolution (2^-11 relative) on both sides."""
+    weights = torch.load(path, weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{path.name} {k}: {m}")
+
+
 @pytest.mark.parametrize("zero,nproc", [(1, 1), (2, 2)])
 def test_deepspeed_zero_matches_the_plain_engine(zero, nproc, demo_data, tmp_path):  # noqa: F811
     """ZeRO-1 on one process and ZeRO-2 on two (sharded optimizer state and gradients) vs one plain process with
@@ -30,10 +38,7 @@ def test_deepspeed_zero_matches_the_plain_engine(zero, nproc, demo_data, tmp_pat
 
     plain = pretrain.main(tiny_flags(tmp_path / "plain", demo_data["pretrain"], steps=STEPS, batch_size=2,
                                      extra=["--accumulation_steps", "2"]))
-    ds_weights = torch.load(tmp_path / "ds" / "pretrain_64.pth", weights_only=True)
-    for k, v in plain["model"].state_dict().items():
-        # the weight files are fp16: compare at fp16 resolution (2^-11 relative) on both sides
-        torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")
+    assert_weight_file_matches(tmp_path / "ds" / "pretrain_64.pth", plain["model"])
     ds_losses = [json.loads(x)["loss"] for x in (tmp_path / "ds" / "pretrain_metrics.jsonl").read_text().splitlines()]
     assert ds_losses == pytest.approx([loss for _, loss in plain["losses"]], abs=1e-4)
 
@@ -57,9 +62,7 @@ def test_zero2_stopped_on_two_processes_resumes_on_one(demo_data, tmp_path):  # 
 
     plain = pretrain.main(tiny_flags(tmp_path / "plain", demo_data["pretrain"], steps=4, batch_size=2,
                                      extra=["--accumulation_steps", "2"]))
-    ds_weights = torch.load(tmp_path / "ds" / "pretrain_64.pth", weights_only=True)
-    for k, v in plain["model"].state_dict().items():
-        torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")
+    assert_weight_file_matches(tmp_path / "ds" / "pretrain_64.pth", plain["model"])
 
 
 def test_a_resave_never_writes_into_the_tag_latest_names(demo_data, tmp_path):  # noqa: F811
@@ -110,9 +113,7 @@ def test_rl_stages_under_zero2_match_the_plain_engine(module, extra, demo_data, 
     files = {"grpo_64.pth": model} if stage is grpo else {"ppo_actor_64.pth": model.actor,
                                                           "ppo_critic_64.pth": model.critic}
     for name, part in files.items():
-        ds_weights = torch.load(tmp_path / "ds" / name, weights_only=True)
-        for k, v in part.state_dict().items():
-            torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{name} {k}: {m}")
+        assert_weight_file_matches(tmp_path / "ds" / name, part)
     logged = [json.loads(x) for x in (tmp_path / "ds" / f"{stage.STAGE.name}_metrics.jsonl").read_text().splitlines()]
     plain_logged = [json.loads(x) for x in open(plain["metrics_path"])]
     assert [x["reward"] for x in logged] == pytest.approx([x["reward"] for x in plain_logged], abs=1e-6)
@@ -131,6 +132,4 @@ def test_grpo_under_zero1_stopped_and_resumed_equals_the_plain_engine(demo_data,
                    timeout=400)
     assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr[-3000:]
     plain = grpo.main(rl_flags(tmp_path / "plain", demo_data["sft"]))
-    ds_weights = torch.load(tmp_path / "ds" / "grpo_64.pth", weights_only=True)
-    for k, v in plain["model"].state_dict().items():
-        torch.testing.assert_close(ds_weights[k], v.half(), rtol=2e-3, atol=2e-4, msg=lambda m: f"{k}: {m}")
+    assert_weight_file_matches(tmp_path / "ds" / "grpo_64.pth", plain["model"])

@@ -219,6 +219,7 @@ BAD_FLAGS = [
     (grpo, ["--reward", "model"], "--reward model needs --reward_model_path"),
     (grpo, ["--reward_model_path", "/no/such/rm"], "no such folder"),
     (grpo, ["--reward", "answer"], "sft.jsonl:1: the record has no 'answer' field"),
+    (grpo, ["--reward", f"answer,{REWARD}"], "sft.jsonl:1: the record has no 'answer' field"),  # none has one
     (grpo, ["--max_gen_len", "40000"], "exceed the model's context"),
     (ppo, ["--ppo_update_iters", "0"], "--ppo_update_iters must be >= 1"),
     (ppo, ["--mini_batch_size", "0"], "--mini_batch_size must be >= 1"),
@@ -251,6 +252,21 @@ def test_bad_record_is_a_file_line_error(tmp_path):
                     + json.dumps({"conversations": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(DataError, match="rl.jsonl:2: field 'conversations' has no assistant turn"):
         grpo.main(rl_flags(tmp_path, path))
+
+
+def test_records_without_an_answer_beside_other_rewards(tmp_path, capsys):
+    """Prompts with and without an `answer` mix when another reward scores the others (the demo's GRPO data); with
+    --reward answer alone the first record without one is an error."""
+    path = tmp_path / "rl.jsonl"
+    rows = [{"conversations": [{"role": "user", "content": f"What is {i} plus 1?"},
+                               {"role": "assistant", "content": ""}], **({"answer": i + 1} if i % 2 else {})}
+            for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(engine.ConfigError, match="rl.jsonl:1: the record has no 'answer' field.*4 of 8 records"):
+        grpo.main(rl_flags(tmp_path / "alone", path, steps=1, extra=["--reward", "answer"]))
+    result = grpo.main(rl_flags(tmp_path / "mixed", path, steps=1, extra=["--reward", f"answer,{REWARD}"]))
+    assert result["steps"] == 1
+    assert "4 of 8 records have no 'answer' field (the first: " in capsys.readouterr().out
 
 
 def test_thinking_ratio_with_a_minimind3_tokenizer(demo_data, tmp_path):  # noqa: F811

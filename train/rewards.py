@@ -5,7 +5,8 @@
                      the first one is 20-300 characters else -0.5, +0.25 if there is exactly one else -0.25; minus
                      the repetition penalty of the answer (after the first `</think>`):
                      min(0.5, 2 * 0.5 * repeated 3-grams / 3-grams) over word and punctuation tokens
-    answer           1 if the reply's final answer matches the record's `answer` field, else 0 (`answer_matches`);
+    answer           1 if the reply's final answer matches the record's `answer` field, else 0 (`answer_matches`;
+                     0 for a record without one, which the RL stages accept only beside other terms);
                      a reply with more than one `<answer>` tag anywhere (its thinking included) answered more than
                      once and gets 0: otherwise a policy can drift into `<answer>` in place of `<think>` and still
                      be paid for a later block

@@ -59,8 +59,9 @@ def add_rollout_args(g):
                         "it; an error with MiniMind2's, which cannot switch thinking)")
     g.add_argument("--reward", default=None,
                    help="comma-separated sum of rules (MiniMind's length / think / repetition terms), answer (exact "
-                        "match with the record's 'answer'), model (--reward_model_path) and module:function (your "
-                        "function(prompts, replies) -> floats). Default: rules, plus model with --reward_model_path")
+                        "match with the record's 'answer'; 0 for a record without one when other terms are given), "
+                        "model (--reward_model_path) and module:function (your function(prompts, replies) -> "
+                        "floats). Default: rules, plus model with --reward_model_path")
     g.add_argument("--reward_model_path", default=None,
                    help="local Hugging Face sequence-classification reward model folder (score clipped to +-3)")
     g.add_argument("--ref_weight", default=None,
@@ -102,11 +103,15 @@ def prepare_rollouts(model, run):
     if args.max_seq_len + args.max_gen_len > config.max_position_embeddings:
         raise engine.ConfigError(f"--max_seq_len {args.max_seq_len} + --max_gen_len {args.max_gen_len} exceed the "
                                  f"model's context of {config.max_position_embeddings} tokens")
-    meta = run.loader.cache.meta
-    if "answer" in [n for n, _ in parse_spec(args.reward, args.reward_model_path)] and meta["records_without_answer"]:
+    meta, names = run.loader.cache.meta, [n for n, _ in parse_spec(args.reward, args.reward_model_path)]
+    missing, total = meta["records_without_answer"], meta["records"]
+    if "answer" in names and missing and (names == ["answer"] or missing == total):
         raise engine.ConfigError(f"{meta['first_without_answer']}: the record has no 'answer' field, which --reward "
-                                 f"answer compares the reply with ({meta['records_without_answer']} of "
-                                 f"{meta['records']} records lack one)")
+                                 f"answer compares the reply with ({missing} of {total} records lack one; beside "
+                                 f"another reward term they would get 0 from answer)")
+    if "answer" in names and missing:
+        run.log(f"{missing} of {total} records have no 'answer' field (the first: {meta['first_without_answer']}): "
+                f"the answer reward gives their replies 0, the other terms of --reward {args.reward} score them")
     dtype = run.dtype if run.device.type == "cuda" else torch.float32
     run.extras["rewards"] = Rewards(args.reward, args.reward_model_path, run.device, dtype)
     if args.ref_weight not in (None, "", "none"):

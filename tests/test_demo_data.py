@@ -11,8 +11,8 @@ from minimind.config import MiniMindConfig
 from minimind.data import build_loader
 from minimind.demo import evaluate, write_demo_data
 from minimind.demo.quiz import reasoning_prompts
-from minimind.demo.world import (CITIES, COLOURS, MAX_ADDEND, N_RL_PEOPLE, N_RL_SUMS,
-                                 TOOL_SHARE, World)
+from minimind.demo.world import (CITIES, COLOURS, GRPO_ASK_PERSON, MAX_ADDEND, N_RL_PEOPLE, N_RL_SUMS,
+                                 TOOL_SHARE, World, age_fact, age_question, colour_fact)
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from tests.train_helpers import QUIZ_MARGIN, short_pretrain  # noqa: F401  (fixture)
@@ -199,24 +199,48 @@ def test_exact_match_scores_generated_replies(demo, monkeypatch):
 
 
 def test_grpo_prompts_are_verifiable_and_never_held_out(demo):
-    """GRPO asks about the rl part of the world and the seen sums, with the canonical answer sentence in `answer`;
-    no other training file asks the rl part's questions, and no GRPO prompt is a held-out question."""
+    """GRPO asks about the rl part of the world and the seen part, with the canonical answer sentence in `answer`
+    (no other training file asks the rl part's questions), and GRPO_ASK_PERSON of its prompts ask the age of a
+    person no other data asks about (rl or held out), without an `answer`; no GRPO prompt is a held-out question."""
     world = World()
     rl = {item.question: item.answers[0] for item in world.items(False, random.Random(0), rl=True)}
     assert len(rl) == 2 * (2 * N_RL_PEOPLE + N_RL_SUMS)  # 2 languages; colour and city
-    seen_sums = {item.question: item.answers[0] for item in world.quiz(held_out=False) if item.category == "sum"}
+    seen = {item.question: item.answers[0] for item in world.quiz(held_out=False)}
     held_out = {item.question for item in world.quiz()}
-    assert not set(rl) & (held_out | {item.question for item in world.quiz(held_out=False)})
-    asked = {**rl, **seen_sums}
+    assert not set(rl) & (held_out | set(seen))
+    asked = {**rl, **seen}
     assert {item.question for item in world.grpo_items()} == set(asked)
-    rs = records(demo["grpo"])
+    unasked = {age_question(name, lang) for p in world.rl_people + world.held_out_people
+               for name, lang in ((p.en, "en"), (p.zh, "zh"))}
+    rs, n_age = records(demo["grpo"]), 0
     for r in rs:
         q = r["conversations"][0]["content"]
-        assert q not in held_out and asked[q] == r["answer"] == r["conversations"][1]["content"]
-    assert {r["answer"] for r in rs} & set(rl.values()) and {r["answer"] for r in rs} & set(seen_sums.values())
+        assert q not in held_out
+        if q in unasked:
+            assert "answer" not in r
+            n_age += 1
+        else:
+            assert asked[q] == r["answer"] == r["conversations"][1]["content"]
+    assert abs(n_age / len(rs) - GRPO_ASK_PERSON) < 0.12
+    answers = {r.get("answer") for r in rs}
+    assert answers & set(rl.values()) and answers & set(seen.values())
     corpus = "".join(demo[k].read_text(encoding="utf-8") for k in ("pretrain", "sft", "dpo", "reason"))
     for q in rl:
         assert not re.search(r"(?<!\d)" + re.escape(q), corpus), q
+
+
+def test_the_asked_person_reward():
+    """1 for the answer's sentence about the person asked, with any number; 0 for another person, another form,
+    or a prompt that is not an age question."""
+    from minimind.demo.rewards import asked_person
+    world = World()
+    p, q = world.held_out_people[0], world.seen_people[0]
+    prompts = [[{"role": "user", "content": age_question(p.en, "en")}]] * 4 + [
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": age_question(p.zh, "zh")}]] * 2
+    prompts.append([{"role": "user", "content": "What is 1 plus 2?"}])
+    replies = [f" {age_fact(p.en, 23, 'en')}\n", age_fact(q.en, 23, "en"), colour_fact(p, p.colour, "en"),
+               f"{p.en} is old.", age_fact(p.zh, 4, "zh"), age_fact(q.zh, 4, "zh"), "1 plus 2 equals 3."]
+    assert asked_person(prompts, replies) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("kind", ["sft", "tools"])

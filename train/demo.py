@@ -55,13 +55,15 @@ DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attenti
 # (MiniMind2: 10: this model then learns to repeat "<answer>") and a gentle rate: at 1e-3 it lost the held-out answers
 # (7% right, 44% at 5e-4); it runs 4 epochs: after 2 the model still copied the question wrong inside <think> (held-out
 # answers 22%, seen 59%; after 4: 50% and 100%, seed 7: 44% and 100%). SFT rows are 192 tokens: a calculator
-# conversation is ~180. GRPO: 60 steps of 8 prompts x 6 samples at temperature 1, lr 1e-4, prompts about the rl part of
-# the world and the seen sums (World.grpo_items). Without the tool SFT its gain was in the sums, whose wrong answers
-# copied the second addend wrong ("What is 0 plus 5?" -> "0 plus 6 equals 6."): over 7 runs (4 DPO models, seeds 42/7/1)
-# held-out answers moved by +2 of 36 on average (-2 to +4), at 2e-4 by +0.8 (-2 to +5). The tool SFT now fixes most of
-# those copies before it, and the held-out answers GRPO is left with are about people (the name copied wrong), which it
-# does not fix (20 of 36 before, 18-20 after over three seeds; the README lists what was tried). The demo data are sized
-# for about 6 minutes on an idle 2-core CPU (minimind.demo.data.SIZES; README).
+# conversation is ~180. GRPO: 120 steps of 8 prompts x 6 samples at temperature 1, lr 1e-4, from the DPO model. 70%
+# of its prompts have an answer to match (the rl and the seen part of the world, World.grpo_items); 30% ask the age of
+# a person no other data asks about (rl or held out), which minimind.demo.rewards.asked_person pays when the reply is
+# about the person asked. The held-out answers GRPO can fix name someone else: with the age questions the DPO model's
+# probability of the asked held-out person's name as its answer's first token goes from 0.18 to 0.37, the held-out
+# facts from 3 of 16 to 6-7 over four seeds of the stage, the answers from 20 of 36 to 21-25 (19-21 without the age
+# questions; 60 steps: 20-24; lr 2e-4: 18-22); the 60 steps more cost ~25 s and gave 2 answers more with the default
+# seed (0.75 on average over the four). The demo data are sized for 6.5-7.5 minutes on a 2-core CPU
+# (minimind.demo.data.SIZES; README).
 PIPELINE = [
     ("pretrain", pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64",
                                         "--accumulation_steps", "1", "--learning_rate", "3e-3", "--warmup_iters", "100",
@@ -76,7 +78,8 @@ PIPELINE = [
     ("reason", reason, "reason", ["--epochs", "4", "--batch_size", "16", "--max_seq_len", "128", "--learning_rate",
                                   "5e-4", "--warmup_iters", "5", "--template_weight", "1", "--from_weight", "rlhf"]),
     ("grpo", grpo, "grpo", ["--epochs", "1", "--batch_size", "8", "--num_generations", "6", "--max_seq_len", "96",
-                            "--max_gen_len", "24", "--temperature", "1.0", "--reward", "answer", "--loss_type", "cispo",
+                            "--max_gen_len", "24", "--temperature", "1.0", "--reward",
+                            "answer,minimind.demo.rewards:asked_person", "--loss_type", "cispo",
                             "--beta", "0.1", "--learning_rate", "1e-4", "--from_weight", "rlhf"]),
 ]
 QUICK_STEPS = 3

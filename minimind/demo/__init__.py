@@ -1,6 +1,6 @@
 """The bundled demo: a small invented world (data generator), the held-out quiz that shows learning (answers ranked
-by likelihood), the exact match of generated answers (what a user sees) and the calculator tool
-(minimind.demo.tools)."""
+by likelihood), the exact match of generated answers (what a user sees), the calculator tool (minimind.demo.tools)
+and GRPO's reward for answering about the person asked (minimind.demo.rewards)."""
 
 __all__ = ["evaluate", "exact_match", "write_demo_data"]
 

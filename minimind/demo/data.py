@@ -20,7 +20,7 @@ from typing import Dict
 
 from minimind.demo.world import SEED, World
 
-SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 800, "reason": 800, "grpo": 480, "tools": 6400}  # records
+SIZES = {"pretrain": 6400, "sft": 3000, "dpo": 800, "reason": 800, "grpo": 960, "tools": 6400}  # records
 
 
 def _write(path: Path, records) -> None:

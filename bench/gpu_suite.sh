@@ -81,8 +81,10 @@ BG=$!
 
 # 3. parity tests, compiled on the GPU (the kernel test files that exist); cold, each Triton specialisation
 # compiles (~0.3 s each, ~150 of them), so 4 xdist workers share the compiling when pytest-xdist is there
+# and GRPO on the triton and liger backends against torch on the GPU (liger: where liger-kernel is installed)
 TESTS=$(ls tests/test_kernels_elementwise.py tests/test_linear_cross_entropy.py tests/test_moe.py \
            tests/test_model_triton.py 2>/dev/null | tr '\n' ' ')
+[ -f tests/test_rl_stages.py ] && TESTS="$TESTS tests/test_rl_stages.py::test_grpo_on_cuda_kernels_matches_torch"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
 if [ "$RUN_TESTS" = 0 ]; then
   echo "| tests | skipped (CPU smoke) | 0 |" >> "$OUT/parts.txt"

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from kernels import backend
 from minimind.data import DataError
 from tests.reference_files import reference_folder
 from tests.test_compile import counting_backend, fresh_dynamo  # noqa: F401  (fixture)
@@ -200,6 +201,28 @@ def test_grpo_on_triton_kernels_matches_torch(demo_data, tmp_path):  # noqa: F81
     triton_run = grpo.main(argv)
     assert _rewards(triton_run) == _rewards(torch_run)
     assert triton_run["final_loss"] == pytest.approx(torch_run["final_loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "liger"])
+def test_grpo_on_cuda_kernels_matches_torch(demo_data, tmp_path, kernels):  # noqa: F811
+    """Two GRPO steps on a GPU (fp32) on the triton or liger backend against the torch one on the same GPU: same
+    rollouts, same losses to fp32 rounding. bench/gpu_suite.sh runs it; skipped without CUDA (liger: without
+    liger-kernel too)."""
+    reason = (backend.liger_unavailable_reason() if kernels == "liger"
+              else None if torch.cuda.is_available() else "needs a CUDA GPU")
+    if reason:
+        pytest.skip(reason)
+
+    def run(name):
+        argv = rl_flags(tmp_path / name, demo_data["sft"], steps=2)
+        argv[argv.index("--device") + 1] = "cuda"
+        argv[argv.index("--kernels") + 1] = name
+        return grpo.main(argv)
+    reference, got = run("torch"), run(kernels)
+    assert _rewards(got) == _rewards(reference)
+    assert [step for step, _ in got["losses"]] == [step for step, _ in reference["losses"]] == [1, 2]
+    assert [loss for _, loss in got["losses"]] == pytest.approx([loss for _, loss in reference["losses"]], rel=1e-4,
+                                                                abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- errors before training

@@ -385,11 +385,10 @@ class World:
         no `answer` field, and the demo's second reward (minimind.demo.rewards.asked_person) pays a reply in the
         answer's form about the person asked. These exercise the step the held-out facts need, copying the asked
         person's name into the answer, on those people's names, without asking any of their facts. (The seen
-        people's ages are left out: the DPO model answers those about the person asked every time, so all of a
-        group's replies earn the same and GRPO learns nothing from them.) The others are grpo_items,
-        with the canonical answer sentence in `answer`: the `answer` reward is 1 only for a reply that ends with the
-        whole sentence, so "0 plus 6 equals 6." for "What is 0 plus 5?" (the wrong addend copied, then its sum)
-        earns nothing."""
+        people's ages are left out: the DPO model already names the person asked in every sample of those.) The
+        others are grpo_items, with the canonical answer sentence in `answer`: the `answer` reward is 1 only for a
+        reply that ends with the whole sentence, so "0 plus 6 equals 6." for "What is 0 plus 5?" (the wrong addend
+        copied, then its sum) earns nothing."""
         items = self.grpo_items()
         for _ in range(n):
             if rng.random() < GRPO_ASK_PERSON:

@@ -61,8 +61,8 @@ DEMO_MODEL = ["--hidden_size", "128", "--num_hidden_layers", "4", "--num_attenti
 # about the person asked. The held-out answers GRPO can fix name someone else: with the age questions the DPO model's
 # probability of the asked held-out person's name as its answer's first token goes from 0.18 to 0.37, the held-out
 # facts from 3 of 16 to 6-7 over four seeds of the stage, the answers from 20 of 36 to 21-25 (19-21 without the age
-# questions; 60 steps: 20-24; lr 2e-4: 18-22); the 60 steps more cost ~25 s and gave 2 answers more with the default
-# seed (0.75 on average over the four). The demo data are sized for 6.5-7.5 minutes on a 2-core CPU
+# questions; 60 steps: 20-24; lr 2e-4: 18-22); the 60 steps more cost ~20 s and gave 2 answers more with the default
+# seed (0.75 on average over the four). The demo data are sized for about 6.5 minutes on an idle 2-core CPU
 # (minimind.demo.data.SIZES; README).
 PIPELINE = [
     ("pretrain", pretrain, "pretrain", ["--epochs", "2", "--batch_size", "16", "--max_seq_len", "64",

@@ -242,7 +242,7 @@ BAD_FLAGS = [
     (grpo, ["--reward", "model"], "--reward model needs --reward_model_path"),
     (grpo, ["--reward_model_path", "/no/such/rm"], "no such folder"),
     (grpo, ["--reward", "answer"], "sft.jsonl:1: the record has no 'answer' field"),
-    (grpo, ["--reward", f"answer,{REWARD}"], "sft.jsonl:1: the record has no 'answer' field"),  # none has one
+    (grpo, ["--reward", f"answer,{REWARD}"], "sft.jsonl:1: the record has no 'answer' field.*no record has one"),
     (grpo, ["--max_gen_len", "40000"], "exceed the model's context"),
     (ppo, ["--ppo_update_iters", "0"], "--ppo_update_iters must be >= 1"),
     (ppo, ["--mini_batch_size", "0"], "--mini_batch_size must be >= 1"),

@@ -106,9 +106,10 @@ def prepare_rollouts(model, run):
     meta, names = run.loader.cache.meta, [n for n, _ in parse_spec(args.reward, args.reward_model_path)]
     missing, total = meta["records_without_answer"], meta["records"]
     if "answer" in names and missing and (names == ["answer"] or missing == total):
+        why = ("no record has one, so answer would never pay" if missing == total else
+               "beside another reward term those records would get 0 from answer")
         raise engine.ConfigError(f"{meta['first_without_answer']}: the record has no 'answer' field, which --reward "
-                                 f"answer compares the reply with ({missing} of {total} records lack one; beside "
-                                 f"another reward term they would get 0 from answer)")
+                                 f"answer compares the reply with ({missing} of {total} records lack one; {why})")
     if "answer" in names and missing:
         run.log(f"{missing} of {total} records have no 'answer' field (the first: {meta['first_without_answer']}): "
                 f"the answer reward gives their replies 0, the other terms of --reward {args.reward} score them")

@@ -116,8 +116,8 @@ def tool_transition_note(valid_calls: float):
     return (f"   note: the tool SFT ended with {valid_calls:.0%} valid calls. Its copy of the question's numbers comes "
             "in a sudden transition whose step depends on the seed (from the README's pretrained model, tool-SFT "
             "seeds 1-4 gave 67%, 100%, 100% and 67%; the README's run 100%), so the later stages will likely answer "
-            "fewer held-out sums than the README's table, and GRPO has more to fix (README: \"What each stage does "
-            "to the answers\").")
+            "fewer held-out sums than the README's table, and GRPO has more to fix (README: \"The demo, stage by "
+            "stage\").")
 
 
 def free_cores(sample_s: float = 0.5) -> int:

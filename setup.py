@@ -25,6 +25,7 @@ setup(
         "dev": ["pytest>=7,<9.2", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "safetensors", "jinja2",
                 "deepspeed",  # the DeepSpeed test runs on the CPU accelerator
                 "liger-kernel",  # its adapters are tested under Triton's interpreter where its kernels allow
+                "matplotlib",  # train.plot, and the demo's PNG of its training curves
                 *SERVE,
                 "openai>=1.0", "schemathesis>=4.0",  # the server's tests: the official client, schema fuzzing
                 "playwright>=1.40"],  # the web page in Debian's chromium (.ci/run installs it; no browser download)

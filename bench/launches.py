@@ -289,8 +289,10 @@ def _flash_attention(launch, packet, args):
     q, k, v, grad_out = args["query"], args["key"], args["value"], args.get("grad_out")
     causal = bool(args["is_causal"])
     launch.name = "aten._scaled_dot_product_flash_attention" + ("_backward" if backward else "") + ".default"
+    # k and v counted at the query's head count, as GQA computes them (torch 2.11's formulas refuse GQA's shapes)
+    k_shape, v_shape = (*k.shape[:1], q.shape[1], *k.shape[2:]), (*v.shape[:1], q.shape[1], *v.shape[2:])
     if backward:
-        launch.flops = sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
+        launch.flops = sdpa_backward_flop_count(grad_out.shape, q.shape, k_shape, v_shape)
         B, Hq, T, D = q.shape
         gqa = k.shape[1] != Hq
         launch.kernels = 3 + 2 * gqa
@@ -302,7 +304,7 @@ def _flash_attention(launch, packet, args):
         launch.written += B * Hq * T * D * 4 + B * Hq * T * 4 + (2 * B * Hq * T * D * k.element_size() if gqa
                                                                  else 0)
     else:
-        launch.flops = sdpa_flop_count(q.shape, k.shape, v.shape)
+        launch.flops = sdpa_flop_count(q.shape, k_shape, v_shape)
     launch.exec_flops = launch.flops // 2 if causal else launch.flops
 
 

@@ -11,6 +11,7 @@ has the op. An op a backend does not have raises NotImplementedError naming it: 
 """
 import importlib
 import os
+import re
 from types import SimpleNamespace
 
 OPS = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "swiglu", "linear_cross_entropy", "linear_logprobs",
@@ -46,17 +47,30 @@ def _load(spec, backend, op):
         return _missing(backend, op, f"{spec} is not available: {e}")
 
 
+def _release(version):
+    """(major, minor) of a version string: "3.6.0" -> (3, 6)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
 def triton_unavailable_reason():
     """None when Triton kernels can run here, else a sentence saying why not."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed (pip install triton; Linux only)"
     import torch
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available():
         return None
-    return ("no CUDA GPU here: on a CPU, Triton kernels run only under the interpreter; "
-            "set TRITON_INTERPRET=1 before the first `import triton`")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return ("no CUDA GPU here: on a CPU, Triton kernels run only under the interpreter; "
+                "set TRITON_INTERPRET=1 before the first `import triton`")
+    import numpy
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        # before 3.7 the interpreter takes a loop bound such as a program id with int() of a 1-element array
+        return (f"triton {triton.__version__}'s interpreter fails under numpy {numpy.__version__} (it calls int() "
+                "on 1-element arrays, an error since numpy 2.4): pip install 'numpy<2.4', or triton 3.7 or newer")
+    return None
 
 
 def liger_unavailable_reason():

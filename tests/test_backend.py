@@ -47,6 +47,27 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert kernels.get_backend("triton").name == "triton"
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False), ("3.10.1", "2.4.0", False)])
+def test_triton_interpreter_before_3_7_with_numpy_2_4_is_refused(monkeypatch, triton_version, numpy_version,
+                                                                   refused):
+    """triton < 3.7's interpreter calls int() on 1-element arrays, which numpy 2.4 refuses: the triton backend says
+    so and what to install, instead of an InterpreterError in the first backward."""
+    import numpy
+    import triton
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs triton compiled")
+    monkeypatch.setattr(backend, "_cache", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if refused:
+        with pytest.raises(RuntimeError, match=r"triton 3\.6\.0's interpreter fails under numpy 2\.4\.6.*'numpy<2\.4'"):
+            kernels.get_backend("triton")
+    else:
+        assert kernels.get_backend("triton").name == "triton"
+
+
 def test_liger_unavailable_is_a_clear_error(monkeypatch):
     if backend.liger_unavailable_reason() is None:
         pytest.skip("liger is available here")

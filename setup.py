@@ -21,7 +21,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # pytest below 9.2: schemathesis's pytest.from_fixture (4.32) sets pytest's private Function._nodeid, gone in 9.2
+        # pytest below 9.2: schemathesis 4.32's pytest.from_fixture sets pytest's private Function._nodeid (gone in 9.2)
         "dev": ["pytest>=7,<9.2", "pytest-xdist", "pytest-benchmark", "transformers>=4.40", "safetensors", "jinja2",
                 "deepspeed",  # the DeepSpeed test runs on the CPU accelerator
                 "liger-kernel",  # its adapters are tested under Triton's interpreter where its kernels allow

@@ -16,7 +16,8 @@ def test_an_import_skip_fails_under_ci_and_only_there(monkeypatch):
     assert report.outcome == "skipped"
     monkeypatch.setenv("CI", "true")
     fail_import_skip_in_ci(report)
-    assert report.outcome == "failed" and report.longrepr == f"CI=true, and the dev extra's package is missing: {missing}"
+    assert report.outcome == "failed"
+    assert report.longrepr == f"CI=true, and the dev extra's package is missing: {missing}"
     other = skipped("Skipped: needs CUDA")  # every other skip stays one
     fail_import_skip_in_ci(other)
     assert other.outcome == "skipped"

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.ci import in_ci
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -15,8 +17,7 @@ def fail_import_skip_in_ci(report):
     """Turn `report` (a test's or a module's) from skipped to failed when it was skipped by pytest.importorskip and
     CI=true: CI installs the dev extra, so a package missing there is a broken install (a dependency lost from
     setup.py), not an optional part, and its tests must not vanish into the skip count."""
-    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    if ci and report.skipped and "could not import" in str(report.longrepr):
+    if in_ci() and report.skipped and "could not import" in str(report.longrepr):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome, report.longrepr = "failed", f"CI=true, and the dev extra's package is missing: {reason}"
 

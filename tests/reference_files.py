@@ -7,7 +7,7 @@ $MINIMIND_REFERENCE_DIR, beside this checkout, and for a git worktree beside its
 import os
 from pathlib import Path
 
-import pytest
+from tests.ci import skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,4 @@ def reference_folder(name: str) -> Path:
     for root in roots:
         if (root / name).exists():
             return root / name
-    message = f"reference file {name} not found in {', '.join(map(str, roots))}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{message}; CI=true needs the tests that use it (set MINIMIND_REFERENCE_DIR)")
-    pytest.skip(message)
+    skip_unless_ci(f"reference file {name} not found in {', '.join(map(str, roots))} (set MINIMIND_REFERENCE_DIR)")

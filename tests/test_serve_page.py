@@ -10,6 +10,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from minimind.generate import SamplingConfig, chat
+from tests.ci import skip_unless_ci
 from tests.scripted_model import minimind3_tokenizer, scripted_model
 from tests.serve_helpers import QUESTION, running_server
 
@@ -43,10 +44,7 @@ def glyphs_render(page, text, selector="body"):
 @pytest.fixture(scope="module")
 def playwright():
     if not os.path.exists(CHROMIUM):
-        message = f"{CHROMIUM} is missing: apt-get install chromium fonts-wqy-microhei (.ci/run does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_unless_ci(f"{CHROMIUM} is missing: apt-get install chromium fonts-wqy-microhei (.ci/run does)")
     with sync_playwright() as p:
         yield p
 
